@@ -1,0 +1,76 @@
+"""Generate images with ThinkDiff: the VLM thinks about the prompt (and images), the decoder draws.
+
+    python infer.py                                   # embedded offline tiny default, writes outputs/thinkdiff.png
+    python infer.py --config configs/llama32_vision_flux.yaml --prompt "..." --image a.png --image b.png
+    python infer.py decoder.num_inference_steps=4 vlm.max_new_tokens=8    # any config key, key.sub=value
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_PROMPT = "Create an image of a red apple on a wooden table in soft morning light."
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"),
+                        help="YAML config (default: the embedded tiny offline config)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction for the VLM; <image> places images")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="in-context image, repeatable; order is kept")
+    parser.add_argument("--seed", type=int, default=None, help="seed for VLM sampling and the initial noise")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: from the config)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: from the config)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: from the config)")
+    parser.add_argument("--num-images", type=int, default=1, help="images to draw from one VLM answer")
+    parser.add_argument("--out", default="outputs/thinkdiff.png",
+                        help="PNG path; a JSON sidecar with the VLM answer, config and timings goes beside it")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from thinkdiff.atomic import save_json
+    from thinkdiff.config import InferenceConfig, load_config, to_dict
+    from thinkdiff.pipeline import ThinkDiffPipeline
+
+    config = load_config(InferenceConfig, args.config, args.overrides)
+    seed = config.seed if args.seed is None else args.seed
+    start = time.perf_counter()
+    pipe = ThinkDiffPipeline.from_config(config)
+    load_seconds = time.perf_counter() - start
+    out = pipe(args.prompt, images=args.image, num_images=args.num_images, seed=seed,
+               num_inference_steps=args.steps, height=args.height, width=args.width)
+
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out_path] if len(out.images) == 1 else [
+        out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}") for i in range(len(out.images))]
+    for image, path in zip(out.images, paths):
+        image.save(path)
+    save_json({"prompt": args.prompt, "images_in": args.image, "vlm_answer": out.text[0],
+               "output_token_ids": out.hidden_states[0].output_token_ids.tolist(), "seed": seed,
+               "images_out": [str(p) for p in paths], "config": to_dict(config),
+               "timings_s": {"load": load_seconds, **out.timings}}, out_path.with_suffix(".json"))
+    print(f"VLM answer: {out.text[0]!r}")
+    for path in paths:
+        print(f"Wrote {path}")
+    print(f"Wrote {out_path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

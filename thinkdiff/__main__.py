@@ -1,0 +1,86 @@
+"""`python -m thinkdiff COMMAND`: make-tiny, extract."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    print(make_tiny(args.out_dir, args.kind, seed=args.seed))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .config import VLMConfig
+    from .features import save_hidden_states
+    from .pipeline import load_image
+    from .vlm import VLMRequest, make_engine, sampling_from
+
+    config = VLMConfig(model=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                       max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, system=args.system)
+    request = VLMRequest(args.prompt, [load_image(p) for p in args.image], system=args.system)
+    engine = make_engine(config)
+    sampling = sampling_from(config)
+    sampling.seed = args.seed
+    states = engine.generate([request], args.layer, sampling)[0]
+    save_hidden_states(states, args.out)
+    print(states.text)
+    print(f"Wrote {args.out}: layers {sorted(states.input_embed)}, prompt {len(states.prompt_token_ids)} tokens, "
+          f"answer {len(states.output_token_ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tiny import KINDS
+    from .vlm import BACKENDS
+
+    parser = argparse.ArgumentParser(prog="python -m thinkdiff", description="ThinkDiff command-line tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="build a small random model offline (tests, demos)")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("extract", help="answer one prompt and write its hidden states to a safetensors file",
+                       description="Writes input_embed.L [prompt_len, H] and output_embed.L [gen_len, H] for each "
+                                   "--layer L (float32), prompt_token_ids and output_token_ids (int64); prints the "
+                                   "answer. Layers use transformers' numbering: 0 = embeddings, k = output of layer "
+                                   "k, N (or -1) = final-normed state.")
+    p.add_argument("--model", required=True, help="model folder, cached Hugging Face repo id, or tiny:KIND")
+    p.add_argument("--layer", type=int, action="append", required=True, help="layer index, repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="repeatable; order is kept")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--backend", default="transformers", choices=BACKENDS)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.set_defaults(func=cmd_extract)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

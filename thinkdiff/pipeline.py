@@ -1,0 +1,158 @@
+"""`ThinkDiffPipeline`: VLM engine -> aligner -> decoder, the Python API.
+
+    >>> pipe = ThinkDiffPipeline.from_config("configs/tiny.yaml")
+    >>> out = pipe("Create an image of a red apple.", seed=0, num_inference_steps=4, height=64, width=64)
+    >>> out.images[0].save("apple.png"); print(out.text)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from .aligner import Aligner, AlignerConfig
+from .config import InferenceConfig, load_config, to_dict, torch_dtype
+from .decoders import Decoder, decoder_class
+from .vlm import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, make_engine, sampling_from
+from .weights import resolve_model
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "thinkdiff.yaml"
+
+
+@dataclass
+class ThinkDiffOutput:
+    images: list[Image.Image]  # num_images per prompt, prompt-major
+    text: list[str]  # the VLM's answer per prompt
+    hidden_states: list[HiddenStates]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: vlm, aligner, decoder
+
+
+def load_image(image: str | Path | Image.Image) -> Image.Image:
+    """A PIL RGB image from a path (clear error if missing or unreadable) or an image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image {path} not found.")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:
+        raise ValueError(f"Image {path} could not be read as an image ({err}).") from None
+
+
+class ThinkDiffPipeline:
+    def __init__(self, engine: HiddenStateEngine, aligner: Aligner, decoder: Decoder,
+                 sampling: SamplingConfig | None = None, config: InferenceConfig | None = None):
+        if aligner.config.input_dim != engine.hidden_size:
+            raise ValueError(f"The aligner reads VLM states of width {aligner.config.input_dim} but the VLM's hidden "
+                             f"size is {engine.hidden_size}.")
+        if aligner.config.output_dim != decoder.conditioning_dim:
+            raise ValueError(f"The aligner outputs width {aligner.config.output_dim} but {decoder.display_name} "
+                             f"expects conditioning of width {decoder.conditioning_dim}.")
+        engine.resolve_layers([aligner.config.layer])
+        self.engine, self.aligner, self.decoder = engine, aligner, decoder
+        self.sampling = sampling or SamplingConfig()
+        self.config = config or InferenceConfig()
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_config(cls, config: InferenceConfig | str | Path, overrides: list[str] = ()) -> "ThinkDiffPipeline":
+        """Build every part from a config (an `InferenceConfig` or a YAML path)."""
+        if not isinstance(config, InferenceConfig):
+            config = load_config(InferenceConfig, config, overrides)
+        engine = make_engine(config.vlm)
+        decoder_cls = decoder_class(config.decoder.family)
+        keep = ("text_encoder", "tokenizer") if config.decoder.pooled == "empty_prompt" else ()
+        decoder = decoder_cls.from_pretrained(resolve_model(config.decoder.model, "decoder.model"),
+                                              dtype=torch_dtype(config.decoder.dtype),
+                                              device=config.decoder.device, keep_components=keep)
+        if config.decoder.pooled == "empty_prompt":
+            decoder.set_empty_prompt_pooled()
+        elif config.decoder.pooled != "zeros":
+            raise ValueError(f"decoder.pooled must be 'zeros' or 'empty_prompt', got {config.decoder.pooled!r}.")
+        if config.aligner.path:
+            aligner = Aligner.from_pretrained(config.aligner.path)
+        else:
+            logger.warning("No aligner.path given: using a randomly initialised (untrained) aligner.")
+            torch.manual_seed(config.aligner.seed)
+            aligner = Aligner(AlignerConfig(input_dim=engine.hidden_size, output_dim=decoder.conditioning_dim,
+                                            layer=config.aligner.layer, embed=config.aligner.embed))
+        aligner = aligner.to(decoder.device).eval()
+        return cls(engine, aligner, decoder, sampling_from(config.vlm), config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, overrides: list[str] = ()) -> "ThinkDiffPipeline":
+        """Load a folder written by `save_pretrained`: thinkdiff.yaml plus the trained aligner/."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"No ThinkDiff pipeline at {directory}: {CONFIG_NAME} is missing.")
+        config = load_config(InferenceConfig, directory / CONFIG_NAME,
+                             [f"aligner.path={directory / 'aligner'}", *overrides])
+        return cls.from_config(config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.aligner.save_pretrained(directory / "aligner")
+        data = to_dict(self.config)
+        data["aligner"]["path"] = None
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    # -------------------------------------------------------------------------------------- inference
+
+    def check_inputs(self, prompt, images):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("No prompt given.")
+        if images is None:
+            images = [[] for _ in prompts]
+        elif isinstance(prompt, str):
+            images = [images]
+        if len(images) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
+        return [VLMRequest(p, [load_image(im) for im in ims], system=self.config.vlm.system)
+                for p, ims in zip(prompts, images)]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], images: list | None = None, num_images: int = 1,
+                 seed: int | None = None, num_inference_steps: int | None = None, height: int | None = None,
+                 width: int | None = None, guidance_scale: float | None = None,
+                 progress: bool = True) -> ThinkDiffOutput:
+        """Generate `num_images` images per prompt. `images` are the in-context images of one prompt (or a list of
+        lists for a list of prompts); `<image>` in a prompt places them inside the text."""
+        dc = self.config.decoder
+        seed = self.config.seed if seed is None else seed
+        requests = self.check_inputs(prompt, images)
+        layer, embed = self.engine.resolve_layers([self.aligner.config.layer])[0], self.aligner.config.embed
+        timings = {}
+
+        start = time.perf_counter()
+        states = self.engine.generate(requests, [layer], SamplingConfig(**{**vars(self.sampling), "seed": seed}))
+        timings["vlm"] = time.perf_counter() - start
+
+        images_out, timings["aligner"], timings["decoder"] = [], 0.0, 0.0
+        for i, hs in enumerate(states):
+            start = time.perf_counter()
+            tokens = self.aligner(hs.embed(layer, embed).to(self.decoder.device)[None])  # [1, L, D]
+            cond = self.decoder.make_conditioning(tokens)
+            timings["aligner"] += time.perf_counter() - start
+
+            start = time.perf_counter()
+            images_out += self.decoder.generate(
+                cond, num_images_per_prompt=num_images, height=height or dc.height, width=width or dc.width,
+                num_inference_steps=num_inference_steps or dc.num_inference_steps,
+                guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale, seed=seed + i,
+                progress=progress)
+            timings["decoder"] += time.perf_counter() - start
+        return ThinkDiffOutput(images=images_out, text=[hs.text for hs in states], hidden_states=states,
+                               timings=timings)

@@ -1,0 +1,132 @@
+"""The `HiddenStateEngine` interface: a VLM that answers prompts and returns layer-L hidden states.
+
+Layer indices follow transformers' `output_hidden_states` convention, for a text decoder with N layers:
+
+    0        the input of the first decoder layer (token embeddings; for Qwen2-VL with image features merged in)
+    k        the output of decoder layer k, 1 <= k < N
+    N        the final-normed state (what the LM head reads; ThinkDiff's "model.norm")
+    -i       counts from the end, so -1 == N
+
+A Mllama cross-attention layer that does not run (text-only prompt) passes its input through unchanged.
+
+For one request the engine returns `input_embed[L]` [prompt_len, H], the states at the prompt positions, and
+`output_embed[L]` [gen_len, H], where row j is the state at the position where generated token j is the *input*
+(so row j has seen tokens 0..j of the answer). Both equal one plain forward pass over prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+IMAGE_MARKER = "<image>"
+"""Where an image goes inside a prompt. Without markers, all images come before the text."""
+
+
+@dataclass
+class VLMRequest:
+    """One prompt. `images` keep their order; `<image>` markers in `prompt` place them inside the text."""
+
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    system: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("The prompt is empty: give the VLM a question or instruction.")
+        n_markers = self.prompt.count(IMAGE_MARKER)
+        if n_markers and n_markers != len(self.images):
+            raise ValueError(f"The prompt has {n_markers} {IMAGE_MARKER} markers but {len(self.images)} images "
+                             "were given; use one marker per image, or none to put all images first.")
+
+    def chat_messages(self) -> list[dict]:
+        """The request as chat messages in transformers' multimodal content format."""
+        if self.prompt.count(IMAGE_MARKER):
+            content = []
+            for i, piece in enumerate(re.split(re.escape(IMAGE_MARKER), self.prompt)):
+                if i:
+                    content.append({"type": "image"})
+                if piece:
+                    content.append({"type": "text", "text": piece})
+        else:
+            content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.prompt}]
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        return messages + [{"role": "user", "content": content}]
+
+
+@dataclass
+class SamplingConfig:
+    """How answers are generated. Greedy by default; `seed` makes sampling reproducible."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}.")
+
+
+@dataclass
+class HiddenStates:
+    """What the engine returns for one request. Tensors are float32 on CPU unless the engine says otherwise."""
+
+    prompt_token_ids: torch.Tensor  # [prompt_len] int64
+    output_token_ids: torch.Tensor  # [gen_len] int64
+    text: str  # the decoded answer, special tokens removed
+    input_embed: dict[int, torch.Tensor]  # layer -> [prompt_len, H]
+    output_embed: dict[int, torch.Tensor]  # layer -> [gen_len, H]
+
+    def embed(self, layer: int, kind: str = "output") -> torch.Tensor:
+        """The states ThinkDiff feeds its aligner: "output" [gen_len, H], "input" [prompt_len, H] or "both"."""
+        if kind == "output":
+            return self.output_embed[layer]
+        if kind == "input":
+            return self.input_embed[layer]
+        if kind == "both":
+            return torch.cat([self.input_embed[layer], self.output_embed[layer]], dim=0)
+        raise ValueError(f"Unknown embed kind {kind!r}; choose 'output', 'input' or 'both'.")
+
+
+class HiddenStateEngine(abc.ABC):
+    """A VLM that generates answers and returns hidden states of requested layers (see module docstring)."""
+
+    num_layers: int  # N, the number of text decoder layers; valid layer indices are 0..N and -(N+1)..-1
+    hidden_size: int  # H
+    max_images: int | None  # images per request the model supports (None: no fixed limit)
+
+    @abc.abstractmethod
+    def generate(self, requests: list[VLMRequest], layers: list[int],
+                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+        """Answer every request (batched) and return its hidden states at `layers`, in request order."""
+
+    def resolve_layers(self, layers: list[int]) -> list[int]:
+        """Map negative indices to 0..N and reject out-of-range ones with the valid range in the message."""
+        if not layers:
+            raise ValueError("Ask for at least one layer.")
+        resolved = []
+        for layer in layers:
+            if not -(self.num_layers + 1) <= layer <= self.num_layers:
+                raise ValueError(f"Layer {layer} is out of range: this model has {self.num_layers} decoder layers, "
+                                 f"so valid layers are 0..{self.num_layers} (or -{self.num_layers + 1}..-1); "
+                                 f"{self.num_layers} is the final-normed state.")
+            resolved.append(layer % (self.num_layers + 1))
+        return list(dict.fromkeys(resolved))
+
+    def check_requests(self, requests: list[VLMRequest]) -> None:
+        if not requests:
+            raise ValueError("No requests given.")
+        for i, request in enumerate(requests):
+            if self.max_images is not None and len(request.images) > self.max_images:
+                raise ValueError(f"Request {i} has {len(request.images)} images but this model supports at most "
+                                 f"{self.max_images} per request.")

@@ -1,0 +1,242 @@
+"""The reference `HiddenStateEngine`: plain transformers `generate`, then one forward pass with layer hooks.
+
+Generation is batched (left padding). States are then taken from one unpadded forward pass per request over
+prompt + generated tokens, so they are exactly what a plain transformers forward pass gives.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
+
+logger = logging.getLogger(__name__)
+
+
+def model_family(config) -> str:
+    """'mllama', 'qwen2-vl' (Qwen2-VL and Qwen2.5-VL) or 'text' (any causal LM)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "mllama":
+        return "mllama"
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return "qwen2-vl"
+    if hasattr(config, "vision_config"):
+        raise ValueError(f"VLM type {model_type!r} is not supported yet; supported: mllama, qwen2_vl, qwen2_5_vl, "
+                         "and text-only causal LMs.")
+    return "text"
+
+
+class TransformersEngine(HiddenStateEngine):
+    """Hidden states from a transformers model loaded from `model_path` (a local folder)."""
+
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 max_images: int | None = None, batch_size: int = 8):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        self.model_path = str(model_path)
+        config = AutoConfig.from_pretrained(self.model_path)
+        self.family = model_family(config)
+        auto = AutoModelForCausalLM if self.family == "text" else AutoModelForImageTextToText
+        self.model = auto.from_pretrained(self.model_path, dtype=dtype).to(device).eval()
+        self.device = torch.device(device)
+        self.processor = _load_processor(self.model_path, self.family)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        self.decoder = self.model.get_decoder()
+        self.num_layers = len(self.decoder.layers)
+        self.hidden_size = self.decoder.config.hidden_size
+        self.max_images = 0 if self.family == "text" else max_images
+        self.batch_size = batch_size
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = next(iter(self.eos_token_ids), 0)
+
+    # ------------------------------------------------------------------------------------------- public
+
+    @torch.no_grad()
+    def generate(self, requests: list[VLMRequest], layers: list[int],
+                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+        sampling = sampling or SamplingConfig()
+        layers = self.resolve_layers(layers)
+        self.check_requests(requests)
+        answers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Mllama's processor cannot mix requests with and without images in one batch.
+        groups = [[i for i, r in enumerate(requests) if bool(r.images) == has] for has in (True, False)]
+        chunks = [g[s:s + self.batch_size] for g in groups for s in range(0, len(g), self.batch_size)]
+        for chunk in tqdm(chunks, desc="VLM generate", unit="batch", disable=len(chunks) < 2):
+            for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], sampling)):
+                answers[i] = answer
+        results = []
+        for i, request in enumerate(tqdm(requests, desc="VLM hidden states", unit="req",
+                                         disable=len(requests) < 2)):
+            prompt_ids, output_ids = answers[i]
+            states = self._states(request, prompt_ids, output_ids, layers)
+            p = len(prompt_ids)
+            results.append(HiddenStates(
+                prompt_token_ids=prompt_ids, output_token_ids=output_ids,
+                text=self.tokenizer.decode(output_ids, skip_special_tokens=True),
+                input_embed={k: s[:p] for k, s in states.items()},
+                output_embed={k: s[p:] for k, s in states.items()}))
+        return results
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def chat_text(self, request: VLMRequest) -> str:
+        return self.processor.apply_chat_template(request.chat_messages(), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encode(self, requests: list[VLMRequest]):
+        """Processor outputs for a batch (left-padded), on the engine's device."""
+        texts = [self.chat_text(r) for r in requests]
+        kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
+        if self.family == "text":
+            enc = self.processor(texts, **kwargs)
+        elif not any(r.images for r in requests):
+            enc = self.processor(text=texts, **kwargs)
+        elif self.family == "mllama":
+            enc = self.processor(text=texts, images=[r.images for r in requests], **kwargs)
+        else:
+            enc = self.processor(text=texts, images=[im for r in requests for im in r.images], **kwargs)
+        enc = enc.to(self.device)
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
+    def _generate_batch(self, requests: list[VLMRequest], sampling: SamplingConfig):
+        enc = self.encode(requests)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+                      do_sample=sampling.do_sample, pad_token_id=self.pad_token_id)
+        if sampling.do_sample:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        sequences = self.model.generate(**enc, **kwargs)
+        padded_len = enc["input_ids"].shape[1]
+        answers = []
+        for row in range(len(requests)):
+            prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].cpu()
+            new = sequences[row, padded_len:].cpu().tolist()
+            end = next((j + 1 for j, t in enumerate(new) if t in self.eos_token_ids), len(new))
+            answers.append((prompt_ids, torch.tensor(new[:end], dtype=torch.long)))
+        return answers
+
+    def forward_inputs(self, request: VLMRequest, output_ids: torch.Tensor) -> dict:
+        """Model inputs for one unpadded forward pass over the prompt + `output_ids`."""
+        enc = dict(self.encode([request]))
+        ids = torch.cat([enc["input_ids"], output_ids[None].to(self.device)], dim=1)
+        enc["input_ids"] = ids
+        enc["attention_mask"] = torch.ones_like(ids)
+        if "mm_token_type_ids" in enc:  # generated tokens are text
+            types = enc["mm_token_type_ids"]
+            enc["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(output_ids))], dim=1)
+        if "cross_attention_mask" in enc:  # generated tokens see what the last prompt token sees (as in generate)
+            mask = enc["cross_attention_mask"]
+            enc["cross_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, len(output_ids), -1, -1)], 1)
+        return enc
+
+    def _states(self, request, prompt_ids, output_ids, layers) -> dict[int, torch.Tensor]:
+        enc = self.forward_inputs(request, output_ids)
+        if not torch.equal(enc["input_ids"][0, :len(prompt_ids)].cpu(), prompt_ids):
+            raise RuntimeError("Prompt tokens differ between batched and single encoding; please report this.")
+        with capture_layers(self.decoder, layers) as captured:
+            self.model(**enc, use_cache=False, logits_to_keep=1)
+        return {k: v[0].float().cpu() for k, v in captured.items()}
+
+
+@contextmanager
+def capture_layers(decoder: torch.nn.Module, layers: list[int]):
+    """Hooks on a text decoder (`.layers`, `.norm`) that fill a dict layer -> [B, T, H] during one forward pass.
+
+    Layer 0 is the input of the first decoder layer, k the output of layer k, N the output of the final norm.
+    A layer that was skipped (Mllama cross-attention without images) passes on its input unchanged.
+    """
+    blocks = list(decoder.layers)
+    n = len(blocks)
+    seen: dict[int, torch.Tensor] = {}  # layer index -> state after that many layers (0 = input)
+    captured: dict[int, torch.Tensor] = {}
+
+    def first(x):
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+    def pre_hook(module, args, kwargs):
+        seen[0] = first(args) if args else kwargs["hidden_states"]
+
+    def make_hook(k):
+        def hook(module, args, output):
+            seen[k] = first(output)
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [block.register_forward_hook(make_hook(k + 1)) for k, block in enumerate(blocks[:-1])]
+    handles.append(decoder.norm.register_forward_hook(make_hook(n)))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in layers:
+        k = layer
+        while k not in seen:  # skipped layers are the identity
+            k -= 1
+        captured[layer] = seen[k]
+
+
+def _load_processor(path: str, family: str):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if family == "text":
+        return AutoTokenizer.from_pretrained(path)
+    if family == "qwen2-vl":
+        # AutoProcessor also builds Qwen2-VL's video processor, which needs torchvision; images need only PIL.
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except ImportError as err:
+            logger.info("Qwen2-VL processor without video support (%s)", str(err).strip().splitlines()[0])
+            return Qwen2VLImageTextProcessor(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+class Qwen2VLImageTextProcessor:
+    """Qwen2-VL's processor for text and images only (no torchvision), as transformers' `Qwen2VLProcessor` does it:
+    each `<|image_pad|>` becomes grid_t * grid_h * grid_w / merge_size**2 copies of itself."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, text: list[str], images=None, **kwargs):
+        from transformers import BatchFeature
+
+        image_inputs = {}
+        if images:
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+            counts.reverse()
+            expanded = []
+            for t in text:
+                pieces = t.split(self.image_token)
+                out = pieces[0]
+                for piece in pieces[1:]:
+                    out += "<|placeholder|>" * counts.pop() + piece
+                expanded.append(out.replace("<|placeholder|>", self.image_token))
+            text = expanded
+        text_inputs = self.tokenizer(text, **kwargs)
+        if images:  # modality of each token, which M-RoPE needs: 1 for image tokens, 0 for text
+            image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            text_inputs["mm_token_type_ids"] = (text_inputs["input_ids"] == image_token_id).long()
+        return BatchFeature({**text_inputs, **image_inputs})
