@@ -1,0 +1,101 @@
+"""Each adapter's images are bit-identical to a direct diffusers pipeline call with the same tensors and seed."""
+
+import numpy as np
+import pytest
+import torch
+
+from thinkdiff.decoders import DECODERS
+
+WIDTHS = {"flux": (4096, 768), "sd3": (4096, 2048), "sd15": (768, None), "sana": (2304, None),
+          "qwenimage": (3584, None)}
+
+_CACHE = {}
+
+
+@pytest.fixture
+def decoder(tiny):
+    def get(family):
+        if family not in _CACHE:
+            _CACHE[family] = DECODERS[family].from_pretrained(tiny(family))
+        return _CACHE[family]
+    return get
+
+
+def direct_call(pipe, seed, **kwargs):
+    """The plain diffusers call a user would write."""
+    return pipe(height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(seed),
+                output_type="pil", **kwargs).images
+
+
+def same(a, b):
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_real_conditioning_widths(decoder, family):
+    dec = decoder(family)
+    assert (dec.conditioning_dim, dec.pooled_dim) == WIDTHS[family]
+    for name in dec.text_components:
+        assert getattr(dec.pipe, name, None) is None
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_adapter_equals_direct_pipeline_call(decoder, family):
+    dec = decoder(family)
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 7, dec.conditioning_dim)
+    cond = dec.make_conditioning(tokens)
+    guidance = dec.default_guidance_scale
+    images = dec.generate(cond, height=64, width=64, num_inference_steps=2, seed=3, progress=False)
+    assert len(images) == 2 and images[0].size == (64, 64)
+
+    kwargs = {"prompt_embeds": tokens}
+    pooled = None if dec.pooled_dim is None else torch.zeros(2, dec.pooled_dim)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    negatives = torch.zeros_like(tokens)
+    if family == "flux":
+        kwargs.update(pooled_prompt_embeds=pooled, guidance_scale=guidance)
+    elif family == "sd3":
+        kwargs.update(pooled_prompt_embeds=pooled, guidance_scale=guidance, negative_prompt_embeds=negatives,
+                      negative_pooled_prompt_embeds=torch.zeros_like(pooled))
+    elif family == "sd15":
+        kwargs.update(guidance_scale=guidance, negative_prompt_embeds=negatives)
+    elif family == "sana":
+        kwargs.update(prompt_attention_mask=mask, guidance_scale=guidance, use_resolution_binning=False,
+                      negative_prompt=None, negative_prompt_embeds=negatives, negative_prompt_attention_mask=mask)
+    elif family == "qwenimage":
+        kwargs.update(prompt_embeds_mask=mask, true_cfg_scale=guidance, negative_prompt_embeds=negatives,
+                      negative_prompt_embeds_mask=mask)
+    assert same(images, direct_call(dec.pipe, 3, **kwargs))
+    # The conditioning matters and the seed matters.
+    assert not same(images, dec.generate(dec.make_conditioning(torch.randn_like(tokens)), height=64, width=64,
+                                         num_inference_steps=2, seed=3, progress=False))
+    assert not same(images, dec.generate(cond, height=64, width=64, num_inference_steps=2, seed=4, progress=False))
+
+
+def test_num_images_per_prompt(decoder):
+    dec = decoder("flux")
+    cond = dec.make_conditioning(torch.randn(1, 4, 4096))
+    images = dec.generate(cond, num_images_per_prompt=3, height=64, width=64, num_inference_steps=1, progress=False)
+    assert len(images) == 3
+
+
+def test_shape_errors_name_expected_widths(decoder):
+    flux, sana, sd15 = decoder("flux"), decoder("sana"), decoder("sd15")
+    with pytest.raises(ValueError, match=r"\[B, L, 4096\], got \(1, 4, 768\)"):
+        flux.generate(flux.make_conditioning(torch.randn(1, 4, 768)), progress=False)
+    cond = flux.make_conditioning(torch.randn(1, 4, 4096))
+    cond.pooled_prompt_embeds = None
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds of shape \[1, 768\]"):
+        flux.generate(cond, progress=False)
+    cond = sana.make_conditioning(torch.randn(2, 4, 2304))
+    cond.attention_mask = torch.ones(2, 5)
+    with pytest.raises(ValueError, match=r"attention_mask of shape \[2, 4\]"):
+        sana.generate(cond, progress=False)
+    cond = sd15.make_conditioning(torch.randn(1, 4, 768))
+    cond.negative_prompt_embeds = None
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds"):
+        sd15.generate(cond, progress=False)
+    with pytest.raises(ValueError, match="Unknown decoder family"):
+        from thinkdiff.decoders import decoder_class
+        decoder_class("dalle")

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from thinkdiff.__main__ import main
+from thinkdiff.features import load_hidden_states
+from thinkdiff.tiny import VLM_KINDS
+
+
+@pytest.mark.parametrize("kind", VLM_KINDS)
+def test_tiny_vlms_reload_with_vllm_friendly_heads(tiny, kind):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny(kind)).get_text_config()
+    assert config.hidden_size // config.num_attention_heads >= 32
+    tokenizer = AutoTokenizer.from_pretrained(tiny(kind))
+    assert len(tokenizer) == config.vocab_size
+    assert tokenizer.chat_template
+
+
+def test_make_tiny_cli_builds_reloadable_pipeline(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    assert main(["make-tiny", str(tmp_path / "sd15"), "--kind", "sd15"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd15", text_encoder=None, tokenizer=None,
+                                                   safety_checker=None, feature_extractor=None)
+    assert pipe.unet.config.cross_attention_dim == 768
+
+
+def test_make_tiny_is_deterministic(tmp_path):
+    main(["make-tiny", str(tmp_path / "a"), "--kind", "llama"])
+    main(["make-tiny", str(tmp_path / "b"), "--kind", "llama"])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extract_writes_states(tmp_path, capsys, image, engine):
+    image.save(tmp_path / "in.png")
+    out = tmp_path / "f.safetensors"
+    code = main(["extract", "--model", "tiny:mllama", "--layer", "1", "--layer", "-1", "--prompt", "Describe it.",
+                 "--image", str(tmp_path / "in.png"), "--max-new-tokens", "5", "--out", str(out)])
+    assert code == 0
+    tensors = load_file(out)
+    assert set(tensors) == {"input_embed.1", "input_embed.4", "output_embed.1", "output_embed.4",
+                            "prompt_token_ids", "output_token_ids"}
+    assert tensors["input_embed.1"].dtype == torch.float32 and tensors["prompt_token_ids"].dtype == torch.int64
+    assert tensors["output_embed.4"].shape == (len(tensors["output_token_ids"]), 128)
+    states = load_hidden_states(out)
+    assert capsys.readouterr().out.strip() == states.text.strip()
+    # Same as the engine in-process.
+    from thinkdiff.pipeline import load_image
+    from thinkdiff.vlm import SamplingConfig, VLMRequest
+    ref = engine("mllama").generate([VLMRequest("Describe it.", [load_image(tmp_path / "in.png")])], [1],
+                                    SamplingConfig(max_new_tokens=5))[0]
+    assert torch.equal(ref.output_token_ids, states.output_token_ids)
+    assert torch.allclose(ref.output_embed[1], states.output_embed[1], atol=1e-6)
+
+
+def test_extract_errors(tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    assert main(["extract", "--model", "tiny:llama", "--layer", "7", "--prompt", "x", "--out", str(out)]) == 2
+    assert "valid layers are 0..4" in capsys.readouterr().err
+    assert main(["extract", "--model", "tiny:llama", "--layer", "1", "--prompt", "x", "--image",
+                 str(tmp_path / "no.png"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not out.exists()
