@@ -99,3 +99,22 @@ def test_shape_errors_name_expected_widths(decoder):
     with pytest.raises(ValueError, match="Unknown decoder family"):
         from thinkdiff.decoders import decoder_class
         decoder_class("dalle")
+
+
+def test_flux_empty_prompt_pooled_is_clip_of_empty_string(tiny):
+    """ThinkDiff's pooled vector: FLUX's CLIP-L pooled embedding of "", computed once; the encoder is then freed."""
+    from diffusers import FluxPipeline
+    from thinkdiff.decoders.flux import FluxDecoder
+
+    dec = FluxDecoder.from_pretrained(tiny("flux"), keep_components=("text_encoder", "tokenizer"))
+    full = FluxPipeline.from_pretrained(tiny("flux"), text_encoder_2=None, tokenizer_2=None)
+    ids = full.tokenizer("", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = full.text_encoder(ids).pooler_output[0]
+    dec.set_empty_prompt_pooled()
+    assert dec.pipe.text_encoder is None
+    assert torch.allclose(dec.null_pooled, expected, atol=1e-6) and expected.abs().sum() > 0
+    cond = dec.make_conditioning(torch.randn(2, 3, 4096))
+    assert torch.equal(cond.pooled_prompt_embeds, expected.expand(2, -1))
+    with pytest.raises(ValueError, match="needs FLUX's CLIP text encoder"):
+        FluxDecoder.from_pretrained(tiny("flux")).set_empty_prompt_pooled()

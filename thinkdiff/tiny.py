@@ -22,7 +22,7 @@ DECODER_KINDS = ("flux", "sd3", "sd15", "sana", "qwenimage")
 KINDS = VLM_KINDS + DECODER_KINDS
 
 # Bumped whenever a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 _CORPUS = [
     "Create an image of a red apple on a wooden table in soft morning light.",
@@ -224,6 +224,22 @@ def _kl_vae(latent_channels: int, scaling_factor: float, shift_factor: float | N
                          scaling_factor=scaling_factor)
 
 
+def _clip_text_encoder(hidden_size: int):
+    """A 1-layer CLIP text encoder (real CLIPTextModel, pooled width `hidden_size`) and its tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _bpe_tokenizer(["<|startoftext|>", "<|endoftext|>"], bos_token="<|startoftext|>",
+                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.model_max_length = 77
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=hidden_size // 64, max_position_embeddings=77,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    encoder = CLIPTextModel(config)
+    _randomize(encoder)
+    return encoder, tok
+
+
 def _build_flux(out: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -232,8 +248,10 @@ def _build_flux(out: Path) -> None:
                                          pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=_kl_vae(16, 0.3611, 0.1159), text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    # FLUX's CLIP-L (for the pooled vector) is kept so `pooled: empty_prompt` runs; T5 is left out.
+    clip, clip_tokenizer = _clip_text_encoder(768)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_kl_vae(16, 0.3611, 0.1159), text_encoder=clip,
+                        tokenizer=clip_tokenizer, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.save_pretrained(out)
 
 
