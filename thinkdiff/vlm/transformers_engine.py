@@ -70,7 +70,7 @@ class TransformersEngine(HiddenStateEngine):
         # Mllama's processor cannot mix requests with and without images in one batch.
         groups = [[i for i, r in enumerate(requests) if bool(r.images) == has] for has in (True, False)]
         chunks = [g[s:s + self.batch_size] for g in groups for s in range(0, len(g), self.batch_size)]
-        for chunk in tqdm(chunks, desc="VLM generate", unit="batch", disable=len(chunks) < 2):
+        for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2):
             for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], sampling)):
                 answers[i] = answer
         results = []
@@ -117,7 +117,8 @@ class TransformersEngine(HiddenStateEngine):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-        sequences = self.model.generate(**enc, **kwargs)
+        with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False) as bar:
+            sequences = self.model.generate(**enc, **kwargs, streamer=_TokenProgress(bar))
         padded_len = enc["input_ids"].shape[1]
         answers = []
         for row in range(len(requests)):
@@ -148,6 +149,21 @@ class TransformersEngine(HiddenStateEngine):
         with capture_layers(self.decoder, layers) as captured:
             self.model(**enc, use_cache=False, logits_to_keep=1)
         return {k: v[0].float().cpu() for k, v in captured.items()}
+
+
+class _TokenProgress:
+    """A transformers streamer that advances a progress bar once per generated token (the first call is the prompt)."""
+
+    def __init__(self, bar):
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self):
+        pass
 
 
 @contextmanager
