@@ -1,4 +1,4 @@
-"""`python -m thinkdiff COMMAND`: make-tiny, extract."""
+"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, extract, cache."""
 
 from __future__ import annotations
 
@@ -35,6 +35,32 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_make_toy_data(args) -> int:
+    from .train.toy_dataset import write_toy_dataset
+
+    print(write_toy_dataset(args.out_dir, args.n, seed=args.seed))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import yaml
+
+    from .config import AlignTrainConfig, apply_overrides, from_dict
+    from .train.data import ImageCaptionDataset
+    from .train.feature_cache import write_cache
+    from .vlm import make_engine, sampling_from
+
+    with open(args.config) as f:
+        cfg = from_dict(AlignTrainConfig, apply_overrides(yaml.safe_load(f) or {}, args.overrides))
+    if not cfg.train.cache:
+        raise ValueError("Set train.cache (the folder to write) in the config or as train.cache=DIR.")
+    dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=cfg.train.seed, limit=cfg.data.limit)
+    out = write_cache(make_engine(cfg.vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
+                      vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype)
+    print(f"Wrote {out} ({len(dataset)} samples, {len(dataset.skipped)} skipped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tiny import KINDS
     from .vlm import BACKENDS
@@ -47,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("make-toy-data", help="draw a small image-caption folder with PIL (coloured shapes)")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_toy_data)
+
+    p = sub.add_parser("cache", help="run the VLM once over a training dataset and write a feature cache",
+                       description="Writes sharded safetensors (features in train.cache_dtype + token ids) to "
+                                   "train.cache. Re-running skips finished shards.")
+    p.add_argument("--config", required=True, help="an alignment training config (stage: align)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("extract", help="answer one prompt and write its hidden states to a safetensors file",
                        description="Writes input_embed.L [prompt_len, H] and output_embed.L [gen_len, H] for each "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,16 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
+            options = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = options[0] if len(options) == 1 and value is not None else hint
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{where}{name}.")
+        elif hint in (float, float | None) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:  # YAML reads 3e-3 (no dot) as a string
+                kwargs[name] = float(value)
+            except ValueError:
+                raise ValueError(f"Config key {where}{name} must be a number, got {value!r}.") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)
@@ -113,3 +122,77 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise FileNotFoundError(f"Config file {path} not found.")
         data = yaml.safe_load(path.read_text()) or {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+# ------------------------------------------------------------------------------------- alignment training
+
+# ThinkDiff's stage-1 instructions (a subset of its 16 "brief instructions"): the VLM's answers become captions
+# or diffusion prompts.
+THINKDIFF_PROMPTS = [
+    "Describe the image concisely.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
+    "Provide a brief description of the given image.",
+]
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # a folder of images (+ same-name .txt captions), a .jsonl manifest, or a folder of .tar shards
+    prompts: list[str] = field(default_factory=lambda: list(THINKDIFF_PROMPTS))
+    image_size: int = 64  # diffusion targets are centre-cropped and resized to this many pixels
+    limit: int | None = None  # use only the first N samples
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "t5_decoder"  # t5_decoder | diffusion | regression
+    t5_model: str = "tiny:t5"  # t5_decoder: frozen T5 whose decoder reads the aligned tokens (ThinkDiff: flan-t5-xxl)
+    max_split: int = 128  # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
+    text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
+    max_target_tokens: int = 128
+    vlm_tokenizer: str | None = None  # where the VLM's tokenizer is (default: vlm.model; set it for backend remote)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup from warmup_lr to lr, then cosine to min_lr (ThinkDiff's schedule)."""
+
+    lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05  # not applied to biases and norm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float | None = None  # ThinkDiff trains without clipping
+
+
+@dataclass
+class LoopConfig:
+    output_dir: str = "runs/align"
+    max_steps: int = 1000
+    batch_size: int = 8  # global batch per optimizer step, split over processes and accumulation steps
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # write a sample image every N steps (0 = only at the end when a decoder is set)
+    log_every: int = 10
+    resume: str | None = None  # "latest" or a checkpoint folder
+    cache: str | None = None  # feature cache folder (python -m thinkdiff cache); None = run the VLM live
+    cache_dtype: str = "bfloat16"
+    cache_shard_size: int = 256
+
+
+@dataclass
+class AlignTrainConfig:
+    stage: str = "align"
+    vlm: VLMConfig = field(default_factory=lambda: VLMConfig(max_new_tokens=32))
+    layer: int = -1
+    embed: str = "output"
+    decoder: DecoderConfig | None = None  # needed by the diffusion objective and for sample images
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 VLM_KINDS = ("llama", "mllama", "qwen2-vl")
+TEXT_ENCODER_KINDS = ("t5",)
 DECODER_KINDS = ("flux", "sd3", "sd15", "sana", "qwenimage")
-KINDS = VLM_KINDS + DECODER_KINDS
+KINDS = VLM_KINDS + TEXT_ENCODER_KINDS + DECODER_KINDS
 
 # Bumped whenever a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 _CORPUS = [
     "Create an image of a red apple on a wooden table in soft morning light.",
@@ -211,6 +212,22 @@ def _build_qwen2_vl(out: Path) -> None:
     image_processor.save_pretrained(out)
 
 
+def _build_t5(out: Path) -> None:
+    """A 1+1-layer T5 with d_model 4096 (T5-XXL's width, FLUX's T5 slot): ThinkDiff's proxy decoder in training."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _bpe_tokenizer(["<pad>", "</s>", "<unk>"], pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.model_max_length = 512
+    config = T5Config(vocab_size=len(tok), d_model=4096, d_kv=32, d_ff=256, num_layers=1, num_decoder_layers=1,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    model = T5ForConditionalGeneration(config)
+    _randomize(model, std=0.02)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 # ------------------------------------------------------------------------------------------------ decoders
 
 
@@ -324,6 +341,7 @@ _BUILDERS = {
     "llama": _build_llama,
     "mllama": _build_mllama,
     "qwen2-vl": _build_qwen2_vl,
+    "t5": _build_t5,
     "flux": _build_flux,
     "sd3": _build_sd3,
     "sd15": _build_sd15,

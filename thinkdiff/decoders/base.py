@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..conditioning import Conditioning
@@ -141,3 +142,49 @@ class Decoder:
                         height=height, width=width, num_inference_steps=num_inference_steps,
                         generator=generator, output_type="pil")
         return out.images
+
+    # --------------------------------------------------------------------------------------- training
+
+    def freeze(self) -> "Decoder":
+        """Freeze every pipeline module; gradients still flow through them into the conditioning."""
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        return self
+
+    def training_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        """The family's diffusion loss (a scalar) for aligner tokens [B, L, D] (+ mask [B, L]) and the target
+        images `pixels` [B, 3, H, W] in [-1, 1], following diffusers' training examples. `generator` (CPU) draws
+        the latents, noise and timesteps, so a step is reproducible."""
+        cond = self.make_conditioning(tokens, mask)
+        self.check_conditioning(cond, 1.0)
+        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generator)
+        return self.flow_matching_loss(cond, x0, generator)
+
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """VAE latents as the backbone sees them (shifted and scaled)."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def flow_matching_loss(self, cond, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Rectified flow: x_t = (1 - s) x0 + s noise, the backbone predicts noise - x0 (diffusers' SD3/FLUX
+        examples, uniform timestep density, no loss weighting)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        batch = x0.shape[0]
+        u = compute_density_for_timestep_sampling("none", batch, generator=generator)
+        index = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = scheduler.timesteps[index].to(x0.device)
+        sigmas = scheduler.sigmas[index].to(x0.device, x0.dtype).view(batch, *[1] * (x0.dim() - 1))
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        pred = self.predict_flow(cond, (1 - sigmas) * x0 + sigmas * noise, timesteps)
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def predict_flow(self, cond, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The backbone's prediction for noisy latents (same layout as `noisy`)."""
+        raise NotImplementedError(f"{self.display_name} has no training path yet.")

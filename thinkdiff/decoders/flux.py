@@ -34,6 +34,24 @@ class FluxDecoder(Decoder):
         self.null_pooled = self.pipe._get_clip_prompt_embeds(prompt="", device=self.device)[0].float().cpu()
         self.pipe.text_encoder, self.pipe.tokenizer = None, None
 
+    def predict_flow(self, cond, noisy, timesteps):
+        from diffusers import FluxPipeline
+
+        batch, channels, h, w = noisy.shape
+        transformer = self.pipe.transformer
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.default_guidance_scale, device=noisy.device)
+        pred = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, batch, channels, h, w), timestep=timesteps / 1000,
+            guidance=guidance, pooled_projections=cond.pooled_prompt_embeds,
+            encoder_hidden_states=cond.prompt_embeds,
+            txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, noisy.device, noisy.dtype),
+            return_dict=False)[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
+
     def pipeline_kwargs(self, cond, guidance_scale):
         return dict(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
                     guidance_scale=guidance_scale)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import Decoder
 
 
@@ -17,6 +19,25 @@ class QwenImageDecoder(Decoder):
     @property
     def conditioning_dim(self) -> int:
         return self.pipe.transformer.config.joint_attention_dim
+
+    def encode_latents(self, pixels, generator):
+        vae = self.pipe.vae  # a video VAE: one frame, latents normalised per channel
+        latents = vae.encode(pixels.unsqueeze(2)).latent_dist.sample(generator=generator)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
+        return ((latents - mean) / std)[:, :, 0]  # [B, C, h, w]
+
+    def predict_flow(self, cond, noisy, timesteps):
+        from diffusers import QwenImagePipeline
+
+        batch, channels, h, w = noisy.shape
+        pred = self.pipe.transformer(
+            hidden_states=QwenImagePipeline._pack_latents(noisy, batch, channels, h, w), timestep=timesteps / 1000,
+            encoder_hidden_states=cond.prompt_embeds, encoder_hidden_states_mask=cond.attention_mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * batch, return_dict=False)[0]
+        scale = self.pipe.vae_scale_factor
+        return QwenImagePipeline._unpack_latents(pred, h * scale, w * scale, scale)[:, :, 0]
 
     def pipeline_kwargs(self, cond, guidance_scale):
         kwargs = dict(prompt_embeds=cond.prompt_embeds, prompt_embeds_mask=cond.attention_mask,

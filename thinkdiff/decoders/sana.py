@@ -19,6 +19,15 @@ class SanaDecoder(Decoder):
     def conditioning_dim(self) -> int:
         return self.pipe.transformer.config.caption_channels
 
+    def encode_latents(self, pixels, generator):
+        vae = self.pipe.vae  # a deterministic DC-AE: no latent distribution
+        return vae.encode(pixels).latent * vae.config.scaling_factor
+
+    def predict_flow(self, cond, noisy, timesteps):
+        return self.pipe.transformer(hidden_states=noisy, encoder_hidden_states=cond.prompt_embeds,
+                                     encoder_attention_mask=cond.attention_mask, timestep=timesteps,
+                                     return_dict=False)[0]
+
     def pipeline_kwargs(self, cond, guidance_scale):
         kwargs = dict(prompt_embeds=cond.prompt_embeds, prompt_attention_mask=cond.attention_mask,
                       guidance_scale=guidance_scale, use_resolution_binning=False)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 from .base import Decoder
 
 
@@ -16,6 +19,25 @@ class SD15Decoder(Decoder):
     @property
     def conditioning_dim(self) -> int:
         return self.pipe.unet.config.cross_attention_dim
+
+    def training_loss(self, tokens, mask, pixels, generator):
+        """Noise prediction (epsilon or v), as diffusers' examples/text_to_image/train_text_to_image.py."""
+        from diffusers import DDPMScheduler
+
+        cond = self.make_conditioning(tokens, mask)
+        self.check_conditioning(cond, 1.0)
+        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  generator=generator).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = noise
+        pred = self.pipe.unet(noisy, timesteps, cond.prompt_embeds, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
 
     def pipeline_kwargs(self, cond, guidance_scale):
         kwargs = dict(prompt_embeds=cond.prompt_embeds, guidance_scale=guidance_scale)

@@ -22,6 +22,10 @@ class SD3Decoder(Decoder):
     def pooled_dim(self) -> int:
         return self.pipe.transformer.config.pooled_projection_dim
 
+    def predict_flow(self, cond, noisy, timesteps):
+        return self.pipe.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.prompt_embeds,
+                                     pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
+
     def pipeline_kwargs(self, cond, guidance_scale):
         kwargs = dict(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
                       guidance_scale=guidance_scale)

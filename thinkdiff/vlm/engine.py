@@ -104,6 +104,7 @@ class HiddenStateEngine(abc.ABC):
     num_layers: int  # N, the number of text decoder layers; valid layer indices are 0..N and -(N+1)..-1
     hidden_size: int  # H
     max_images: int | None  # images per request the model supports (None: no fixed limit)
+    progress: bool = True  # show progress bars (training loops turn them off)
 
     @abc.abstractmethod
     def generate(self, requests: list[VLMRequest], layers: list[int],

@@ -70,12 +70,12 @@ class TransformersEngine(HiddenStateEngine):
         # Mllama's processor cannot mix requests with and without images in one batch.
         groups = [[i for i, r in enumerate(requests) if bool(r.images) == has] for has in (True, False)]
         chunks = [g[s:s + self.batch_size] for g in groups for s in range(0, len(g), self.batch_size)]
-        for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2):
+        for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2 or not self.progress):
             for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], sampling)):
                 answers[i] = answer
         results = []
         for i, request in enumerate(tqdm(requests, desc="VLM hidden states", unit="req",
-                                         disable=len(requests) < 2)):
+                                         disable=len(requests) < 2 or not self.progress)):
             prompt_ids, output_ids = answers[i]
             states = self._states(request, prompt_ids, output_ids, layers)
             p = len(prompt_ids)
@@ -117,7 +117,8 @@ class TransformersEngine(HiddenStateEngine):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-        with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False) as bar:
+        with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False,
+                  disable=not self.progress) as bar:
             sequences = self.model.generate(**enc, **kwargs, streamer=_TokenProgress(bar))
         padded_len = enc["input_ids"].shape[1]
         answers = []

@@ -1,0 +1,1 @@
+"""Alignment training: data, feature cache, objectives, checkpoints and the accelerate loop."""

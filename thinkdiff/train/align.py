@@ -1,0 +1,214 @@
+"""Alignment training: the aligner learns, the VLM and the decoder stay frozen. One loop, read top to bottom.
+
+    accelerate launch train.py --config configs/align_tiny.yaml [key.sub=value ...]
+
+Data order and all randomness are pure functions of (seed, step), so a resumed run continues exactly where it
+stopped, and a run on several processes sees the same global batches as a run on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..aligner import Aligner, AlignerConfig
+from ..config import AlignTrainConfig, DecoderConfig, OptimConfig, torch_dtype
+from ..weights import resolve_model
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import ImageCaptionDataset
+from .feature_cache import FeatureCache, LiveFeatures
+from .objectives import DiffusionObjective, RegressionObjective, T5DecoderObjective
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("t5_decoder", "diffusion", "regression")
+
+
+def thinkdiff_lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of `optim.lr` at each step: linear warmup from warmup_lr, then cosine down to min_lr."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            lr = optim.warmup_lr + (optim.lr - optim.warmup_lr) * step / optim.warmup_steps
+        else:
+            progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+            lr = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return lr / optim.lr
+
+    return factor
+
+
+def batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> list[int]:
+    """The global batch of `step`: a fresh seeded permutation each epoch, last partial batch dropped."""
+    if num_samples < batch_size:
+        raise ValueError(f"The dataset has {num_samples} samples, fewer than train.batch_size={batch_size}.")
+    per_epoch = num_samples // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+def load_decoder(config: DecoderConfig):
+    from ..decoders import decoder_class
+
+    decoder_cls = decoder_class(config.family)
+    keep = ("text_encoder", "tokenizer") if config.pooled == "empty_prompt" else ()
+    decoder = decoder_cls.from_pretrained(resolve_model(config.model, "decoder.model"),
+                                          dtype=torch_dtype(config.dtype), device=config.device,
+                                          keep_components=keep)
+    if config.pooled == "empty_prompt":
+        decoder.set_empty_prompt_pooled()
+    return decoder
+
+
+def build_features(cfg: AlignTrainConfig, dataset: ImageCaptionDataset):
+    """Features from the cache when `train.cache` is set, else a live VLM engine. Returns (features, H)."""
+    if cfg.train.cache:
+        cache = FeatureCache(cfg.train.cache, cfg.layer, cfg.embed)
+        if len(cache) != len(dataset):
+            raise ValueError(f"The cache at {cfg.train.cache} has {len(cache)} samples, the dataset {len(dataset)}.")
+        return cache, cache.hidden_size
+    from ..vlm import make_engine, sampling_from
+
+    engine = make_engine(cfg.vlm)
+    return LiveFeatures(engine, dataset, cfg.layer, cfg.embed, sampling_from(cfg.vlm)), engine.hidden_size
+
+
+def build_objective(cfg: AlignTrainConfig, dataset: ImageCaptionDataset, decoder, device):
+    name = cfg.objective.name
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}.")
+    if name == "diffusion":
+        if decoder is None:
+            raise ValueError("The diffusion objective needs a `decoder:` section in the config.")
+        return DiffusionObjective(decoder, dataset, cfg.data.image_size)
+    from transformers import AutoTokenizer
+
+    tokenizer_ref = cfg.objective.vlm_tokenizer or cfg.vlm.model
+    if cfg.vlm.backend == "remote" and not cfg.objective.vlm_tokenizer:
+        raise ValueError("With vlm.backend=remote, set objective.vlm_tokenizer to a folder with the VLM's tokenizer.")
+    vlm_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(tokenizer_ref, "objective.vlm_tokenizer")))
+    if name == "t5_decoder":
+        return T5DecoderObjective(resolve_model(cfg.objective.t5_model, "objective.t5_model"), vlm_tokenizer,
+                                  cfg.objective.max_split, cfg.objective.max_target_tokens, device)
+    return RegressionObjective(resolve_model(cfg.objective.text_encoder, "objective.text_encoder"), vlm_tokenizer,
+                               cfg.objective.max_target_tokens, device)
+
+
+def param_groups(aligner: Aligner, weight_decay: float):
+    """ThinkDiff's AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
+    decay = [p for p in aligner.parameters() if p.ndim >= 2]
+    no_decay = [p for p in aligner.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_aligner(cfg: AlignTrainConfig) -> Path:
+    """Train and return the folder of the final aligner (`OUTPUT_DIR/aligner`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    loop = cfg.train
+    out = Path(loop.output_dir)
+    accelerator = Accelerator(mixed_precision=loop.mixed_precision,
+                              gradient_accumulation_steps=loop.gradient_accumulation_steps, log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = loop.batch_size // (world * loop.gradient_accumulation_steps)
+    if micro * world * loop.gradient_accumulation_steps != loop.batch_size or micro < 1:
+        raise ValueError(f"train.batch_size={loop.batch_size} must split evenly over {world} processes x "
+                         f"{loop.gradient_accumulation_steps} accumulation steps.")
+
+    dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=loop.seed, limit=cfg.data.limit)
+    features, hidden_size = build_features(cfg, dataset)
+    decoder = load_decoder(cfg.decoder) if cfg.decoder is not None else None
+    objective = build_objective(cfg, dataset, decoder, accelerator.device)
+    if decoder is not None and decoder.conditioning_dim != objective.output_dim:
+        raise ValueError(f"The objective trains width {objective.output_dim} but {decoder.display_name} expects "
+                         f"{decoder.conditioning_dim}.")
+
+    torch.manual_seed(loop.seed)
+    aligner = Aligner(AlignerConfig(input_dim=hidden_size, output_dim=objective.output_dim, layer=cfg.layer,
+                                    embed=cfg.embed))
+    objective.init_aligner(aligner)
+    optimizer = torch.optim.AdamW(param_groups(aligner, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, thinkdiff_lr_lambda(cfg.optim, loop.max_steps))
+
+    start = 0
+    resume = latest_checkpoint(out) if loop.resume == "latest" else loop.resume
+    if loop.resume == "latest" and resume is None:
+        logger.info("resume=latest: no checkpoint in %s yet, starting from scratch", out)
+    if resume:
+        start = load_checkpoint(resume, aligner, optimizer, scheduler)
+        logger.info("Resumed from %s at step %d", resume, start)
+    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+    accelerator.init_trackers("align", config={"objective": cfg.objective.name, "lr": cfg.optim.lr,
+                                               "batch_size": loop.batch_size, "layer": cfg.layer})
+
+    bar = tqdm(range(start, loop.max_steps), initial=start, total=loop.max_steps, desc="align",
+               disable=not accelerator.is_main_process)
+    losses, seen, clock = [], 0, time.perf_counter()
+    for step in bar:
+        indices = batch_indices(step, len(dataset), loop.batch_size, loop.seed)[rank::world]
+        step_loss = torch.zeros((), device=accelerator.device)
+        for chunk in range(loop.gradient_accumulation_steps):
+            batch = features.get(indices[chunk * micro:(chunk + 1) * micro])
+            with accelerator.accumulate(aligner):
+                if batch:
+                    with accelerator.autocast():
+                        loss = objective.loss(aligner, batch, seed=loop.seed * 100_003 + step)
+                else:  # every image of this micro-batch was unreadable: keep the processes in step
+                    loss = sum(p.sum() for p in aligner.parameters()) * 0.0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(aligner.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach() / loop.gradient_accumulation_steps
+            seen += len(batch)
+        scheduler.step()
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        losses.append(step_loss)
+        done = step + 1
+        if done % loop.log_every == 0 or done == loop.max_steps:
+            rate = seen * world / (time.perf_counter() - clock)
+            bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{rate:.1f}")
+            accelerator.log({"loss": step_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}, step=done)
+        if accelerator.is_main_process:
+            if loop.checkpoint_every and done % loop.checkpoint_every == 0:
+                save_checkpoint(out, done, accelerator.unwrap_model(aligner), optimizer, scheduler,
+                                loop.keep_checkpoints)
+            if decoder is not None and loop.sample_every and done % loop.sample_every == 0:
+                write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder)
+        accelerator.wait_for_everyone()
+
+    final = out / "aligner"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(aligner).save_pretrained(final)
+        (out / "losses.txt").write_text("".join(f"{x:.6f}\n" for x in losses))
+        if decoder is not None:
+            write_sample(out, loop.max_steps, accelerator.unwrap_model(aligner), features, decoder)
+        if len(getattr(dataset, "skipped", ())):
+            logger.warning("%d unreadable samples were skipped", len(dataset.skipped))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+@torch.no_grad()
+def write_sample(out: Path, step: int, aligner: Aligner, features, decoder) -> None:
+    """One image from the first dataset sample's VLM states: OUT/samples/step-N.png."""
+    sample = features.get([0])
+    if not sample:
+        return
+    tokens = aligner(sample[0].embed[None].to(decoder.device))
+    image = decoder.generate(decoder.make_conditioning(tokens.to(decoder.dtype)), height=64, width=64,
+                             num_inference_steps=4, seed=0, progress=False)[0]
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    image.save(out / "samples" / f"step-{step:06d}.png")
+

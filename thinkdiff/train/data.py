@@ -1,0 +1,135 @@
+"""Image-caption pairs for alignment training, from a folder, a JSONL manifest or WebDataset shards.
+
+    folder/      a.jpg + a.txt (caption, optional), b.png + b.txt, ...
+    data.jsonl   {"image": "relative/or/absolute.jpg", "caption": "..."} per line
+    shards/      *.tar in WebDataset layout: members KEY.jpg|png|webp with KEY.txt or KEY.json ({"caption": ...})
+
+A sample whose image is missing or unreadable is counted, reported once with a warning, and skipped: it never
+stops a long run. Each sample gets one of the configured VLM instructions, chosen by a seeded RNG per index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class Sample:
+    index: int
+    image: Image.Image
+    caption: str
+    prompt: str  # the instruction the VLM answers about the image
+
+
+class ImageCaptionDataset:
+    def __init__(self, source: str | Path, prompts: list[str], seed: int = 0, limit: int | None = None):
+        if not prompts:
+            raise ValueError("data.prompts is empty: give the VLM at least one instruction.")
+        self.source, self.prompts, self.seed = Path(source), list(prompts), seed
+        if not self.source.exists():
+            raise FileNotFoundError(f"Training data {self.source} not found (a folder of images, a .jsonl "
+                                    "manifest, or a folder of WebDataset .tar shards).")
+        if self.source.suffix == ".jsonl":
+            self.entries = self._read_manifest()
+        elif sorted(self.source.glob("*.tar")):
+            self.entries = self._read_shards()
+        else:
+            self.entries = self._read_folder()
+        if limit is not None:
+            self.entries = self.entries[:limit]
+        if not self.entries:
+            raise ValueError(f"No samples found in {self.source}.")
+        self.skipped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def prompt(self, index: int) -> str:
+        return random.Random(self.seed * 1_000_003 + index).choice(self.prompts)
+
+    def load(self, index: int) -> Sample | None:
+        """The sample at `index`, or None (counted in `skipped`) if its image cannot be read."""
+        ref, caption = self.entries[index]
+        try:
+            image = self._open(ref)
+        except Exception as err:  # corrupt, truncated, missing: all are skipped the same way
+            if index not in self.skipped:
+                self.skipped.add(index)
+                logger.warning("Skipping sample %d (%s): %s (%d skipped so far)", index, ref, err, len(self.skipped))
+            return None
+        return Sample(index=index, image=image, caption=caption, prompt=self.prompt(index))
+
+    # --------------------------------------------------------------------------------------- sources
+
+    def _read_folder(self):
+        entries = []
+        for path in sorted(p for p in self.source.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+            caption_file = path.with_suffix(".txt")
+            entries.append((path, caption_file.read_text().strip() if caption_file.exists() else ""))
+        return entries
+
+    def _read_manifest(self):
+        entries = []
+        for line_no, line in enumerate(self.source.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                entries.append((self.source.parent / row["image"], str(row.get("caption", ""))))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                logger.warning("Skipping line %d of %s: %s", line_no, self.source, err)
+        return entries
+
+    def _read_shards(self):
+        entries = []
+        for shard in sorted(self.source.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                members = {}
+                for member in tar.getmembers():
+                    key, _, ext = member.name.rpartition(".")
+                    members.setdefault(key, {})[ext.lower()] = member
+                for key in sorted(members):
+                    parts = members[key]
+                    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+                    if image_ext is None:
+                        continue
+                    caption = ""
+                    if "txt" in parts:
+                        caption = tar.extractfile(parts["txt"]).read().decode().strip()
+                    elif "json" in parts:
+                        caption = json.loads(tar.extractfile(parts["json"]).read()).get("caption", "")
+                    entries.append(((shard, parts[image_ext].name), caption))
+        return entries
+
+    @staticmethod
+    def _open(ref) -> Image.Image:
+        if isinstance(ref, tuple):  # (shard, member)
+            with tarfile.open(ref[0]) as tar:
+                data = tar.extractfile(ref[1]).read()
+            image = Image.open(io.BytesIO(data))
+        else:
+            image = Image.open(ref)
+        image.load()
+        return image.convert("RGB")
+
+
+def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Centre-crop to a square, resize to `size`, scale to [-1, 1]: [3, size, size] float32."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

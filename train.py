@@ -1,0 +1,44 @@
+"""Train ThinkDiff. The config's `stage` picks what is trained:
+
+    align   the aligner (VLM and decoder frozen): objectives t5_decoder (ThinkDiff), diffusion, regression
+
+    python train.py --config configs/align_tiny.yaml                       # one CPU or GPU
+    accelerate launch --num_processes 4 train.py --config configs/align_tiny.yaml train.max_steps=25000
+    python train.py --config configs/align_tiny.yaml train.resume=latest   # continue exactly where it stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML training config")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from thinkdiff.config import AlignTrainConfig, apply_overrides, from_dict
+
+    with open(args.config) as f:
+        data = apply_overrides(yaml.safe_load(f) or {}, args.overrides)
+    stage = data.get("stage", "align")
+    if stage != "align":
+        raise ValueError(f"Unknown stage {stage!r}; this version trains: align.")
+    from thinkdiff.train.align import train_aligner
+
+    final = train_aligner(from_dict(AlignTrainConfig, data))
+    print(f"Wrote {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
