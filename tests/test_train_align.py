@@ -243,3 +243,19 @@ def test_random_split_feeds_a_prefix_and_targets_the_rest(tiny):
         k = int(torch.randint(1, 5, (1,), generator=sample_generator(seed, 3)))
         assert seen["k"] == k and 1 <= k <= 4
     assert objective.loss(Spy(), [sample], 0).item() > 0
+
+
+def test_bf16_accumulation_clipping_and_logs(toy, cache, tmp_path):
+    # A subprocess: accelerate keeps one mixed-precision setting per process.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "align_tiny.yaml"),
+         f"data.source={toy}", f"train.output_dir={tmp_path}", f"train.cache={cache}", "train.batch_size=4",
+         "train.max_steps=3", "train.checkpoint_every=0", "train.mixed_precision=bf16",
+         "train.gradient_accumulation_steps=2", "optim.max_grad_norm=1.0", "train.sample_every=2", *SHORT],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(np.isfinite(losses(tmp_path)))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000002.png", "step-000003.png"]
+    with pytest.raises(ValueError, match="must split evenly"):
+        train_aligner(config(toy, tmp_path / "x", "train.batch_size=3", "train.gradient_accumulation_steps=2"))
