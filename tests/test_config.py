@@ -19,3 +19,16 @@ def test_errors(tmp_path):
         apply_overrides({}, ["seed"])
     with pytest.raises(FileNotFoundError, match="not found"):
         load_config(InferenceConfig, tmp_path / "none.yaml")
+
+
+def test_training_configs_parse():
+    from pathlib import Path
+
+    from thinkdiff.config import AlignTrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("align_tiny.yaml", "align_llama32_vision_flux.yaml"):
+        cfg = load_config(AlignTrainConfig, root / name)
+        assert cfg.stage == "align" and cfg.objective.name == "t5_decoder"
+    real = load_config(AlignTrainConfig, root / "align_llama32_vision_flux.yaml")
+    assert real.optim.lr == 1e-4 and real.optim.warmup_steps == 2000 and real.train.batch_size == 96
