@@ -1,10 +1,12 @@
 """Train ThinkDiff. The config's `stage` picks what is trained:
 
     align   the aligner (VLM and decoder frozen): objectives t5_decoder (ThinkDiff), diffusion, regression
+    grpo    the VLM policy, GRPO with uniqueness-weighted advantages ("Rewarding the Rare")
 
     python train.py --config configs/align_tiny.yaml                       # one CPU or GPU
     accelerate launch --num_processes 4 train.py --config configs/align_tiny.yaml train.max_steps=25000
     python train.py --config configs/align_tiny.yaml train.resume=latest   # continue exactly where it stopped
+    python train.py --config configs/grpo_tiny.yaml
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from thinkdiff.config import AlignTrainConfig, apply_overrides, from_dict
+    from thinkdiff.config import AlignTrainConfig, GRPOTrainConfig, apply_overrides, from_dict
 
     with open(args.config) as f:
         data = apply_overrides(yaml.safe_load(f) or {}, args.overrides)
     stage = data.get("stage", "align")
-    if stage != "align":
-        raise ValueError(f"Unknown stage {stage!r}; this version trains: align.")
-    from thinkdiff.train.align import train_aligner
+    if stage == "align":
+        from thinkdiff.train.align import train_aligner
 
-    final = train_aligner(from_dict(AlignTrainConfig, data))
+        final = train_aligner(from_dict(AlignTrainConfig, data))
+    elif stage == "grpo":
+        from thinkdiff.grpo.trainer import train_grpo
+
+        final = train_grpo(from_dict(GRPOTrainConfig, data))
+    else:
+        raise ValueError(f"Unknown stage {stage!r}; choose align or grpo.")
     print(f"Wrote {final}")
     return 0
 

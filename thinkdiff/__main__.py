@@ -1,4 +1,4 @@
-"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, extract, cache."""
+"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk."""
 
 from __future__ import annotations
 
@@ -61,6 +61,40 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_make_arithmetic_task(args) -> int:
+    from .grpo.problems import write_arithmetic_task
+
+    print(write_arithmetic_task(args.out_dir, args.n, seed=args.seed, max_digit=args.max_digit))
+    return 0
+
+
+def cmd_eval_passk(args) -> int:
+    import yaml
+
+    from .config import GRPOTrainConfig, apply_overrides, from_dict, torch_dtype
+    from .grpo.evaluate import evaluate_passk, format_report, load_policy_engine, write_report
+    from .grpo.problems import load_problems
+    from .grpo.trainer import build_clusterer
+    from .vlm import SamplingConfig
+    from .weights import resolve_model
+
+    with open(args.config) as f:
+        cfg = from_dict(GRPOTrainConfig, apply_overrides(yaml.safe_load(f) or {}, args.overrides))
+    path = args.checkpoint or resolve_model(cfg.policy.model, "policy.model")
+    engine = load_policy_engine(path, dtype=torch_dtype(cfg.policy.dtype), device=cfg.policy.device)
+    engine.progress = False
+    sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens, min_new_tokens=cfg.policy.min_new_tokens,
+                              do_sample=True, temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
+                              seed=args.seed)
+    result = evaluate_passk(engine, load_problems(cfg.problems, cfg.limit), args.n, sampling,
+                            build_clusterer(cfg.reward))
+    result["checkpoint"] = str(path)
+    print(format_report(result))
+    if args.out:
+        write_report(result, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tiny import KINDS
     from .vlm import BACKENDS
@@ -79,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_toy_data)
+
+    p = sub.add_parser("make-arithmetic-task", help="draw digit images and write a verifiable addition task")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--max-digit", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_arithmetic_task)
+
+    p = sub.add_parser("eval-passk", help="pass@k (k = 1..n) and distinct strategies of a policy checkpoint",
+                       description="Samples n answers per problem with the config's policy sampling, prints pass@k "
+                                   "with the unbiased estimator (Chen et al. 2021) and the mean number of distinct "
+                                   "strategy clusters among correct answers (the config's reward.judge).")
+    p.add_argument("--config", required=True, help="a GRPO config (stage: grpo)")
+    p.add_argument("--checkpoint", default=None, help="policy folder (default: the config's policy.model)")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (pass@k for k = 1..n)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result as JSON (and a .txt report beside it)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_eval_passk)
 
     p = sub.add_parser("cache", help="run the VLM once over a training dataset and write a feature cache",
                        description="Writes sharded safetensors (features in train.cache_dtype + token ids) to "

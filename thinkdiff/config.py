@@ -196,3 +196,57 @@ class AlignTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+
+
+# -------------------------------------------------------------------------------------------------- GRPO
+
+
+@dataclass
+class RareRewardConfig:
+    """Rewarding the Rare (arXiv 2601.08763): A = w * z with w = cluster_size ** -alpha."""
+
+    alpha: float = 0.5  # 0 = plain GRPO; the paper does not state its value
+    scale: str = "group"  # "group": divide by the group std (GRPO); "none": Dr. GRPO
+    judge: str = "embedding"  # embedding (offline MiniLM) | engine (one of our VLM engines) | openai (URL) | none
+    judge_model: str | None = None  # judge=engine: model reference; judge=openai: the model name
+    judge_url: str | None = None  # judge=openai: base URL of an OpenAI-compatible server (…/v1)
+    judge_max_new_tokens: int = 512
+    embedding_threshold: float = 0.85  # cosine similarity at which the fallback joins two solutions
+
+
+@dataclass
+class GRPOLossConfig:
+    beta: float = 0.001  # KL weight (paper: 0.001)
+    eps_low: float = 0.2
+    eps_high: float | None = None  # clip-higher (DAPO: 0.28); None = eps_low
+    aggregation: str = "grpo"  # grpo | token (DAPO) | dr_grpo
+    num_iterations: int = 1  # policy updates per batch of rollouts
+
+
+@dataclass
+class GRPOLoopConfig:
+    output_dir: str = "runs/grpo"
+    max_steps: int = 100
+    problems_per_step: int = 4
+    group_size: int = 8  # K rollouts per problem
+    lr: float = 5e-7  # paper: AdamW, 5e-7
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+
+
+@dataclass
+class GRPOTrainConfig:
+    stage: str = "grpo"
+    policy: VLMConfig = field(default_factory=lambda: VLMConfig(do_sample=True, temperature=1.0,
+                                                                max_new_tokens=256))
+    rollout_backend: str = "transformers"  # transformers | vllm (weights synced after every update)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 16
+    problems: str = ""  # JSONL of problems (thinkdiff.grpo.problems)
+    limit: int | None = None
+    reward: RareRewardConfig = field(default_factory=RareRewardConfig)
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    train: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)

@@ -43,6 +43,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
         length = max_completion_length or mask.shape[1]
         loss = (per_token * mask).sum() / (mask.shape[0] * length)
     n = mask.sum().clamp(min=1)
-    stats = {"kl": float((kl * mask).sum() / n),
+    ratio = ratio.detach()
+    stats = {"kl": float((kl.detach() * mask).sum() / n),
              "clip_fraction": float((((ratio - clipped).abs() > 0).to(mask.dtype) * mask).sum() / n)}
     return loss, stats

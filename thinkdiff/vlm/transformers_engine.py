@@ -236,6 +236,10 @@ class Qwen2VLImageTextProcessor:
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
+    def save_pretrained(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
     def __call__(self, text: list[str], images=None, **kwargs):
         from transformers import BatchFeature
 

@@ -1,0 +1,67 @@
+"""pass@k of a policy checkpoint on verifiable problems, and how many distinct strategies its correct answers use.
+
+    python -m thinkdiff eval-passk --config configs/grpo_tiny.yaml [--checkpoint DIR] [--n 16] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..vlm import SamplingConfig, VLMRequest
+from ..vlm.transformers_engine import TransformersEngine
+from .passk import auc_at_k, pass_curve
+from .verifiers import get_verifier
+
+
+def load_policy_engine(path: str | Path, dtype=torch.float32, device: str = "cpu") -> TransformersEngine:
+    """A transformers engine on a policy folder: full weights, or LoRA adapters over their base model."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        engine = TransformersEngine(base, dtype=dtype, device=device)
+        engine.model = PeftModel.from_pretrained(engine.model, str(path)).merge_and_unload().eval()
+        return engine
+    return TransformersEngine(path, dtype=dtype, device=device)
+
+
+def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer=None) -> dict:
+    """n samples per problem -> pass@k (k = 1..n, unbiased estimator), AUC@n, mean distinct strategy clusters
+    among each problem's correct answers (when a clusterer is given)."""
+    correct, clusters = [], []
+    for problem in tqdm(problems, desc="pass@k", unit="problem"):
+        outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], sampling)
+        verify = get_verifier(problem.verifier)
+        ok = [verify(o.text, problem.answer) > 0 for o in outs]
+        correct.append(ok)
+        right = [o.text for o, good in zip(outs, ok) if good]
+        if clusterer is not None:
+            clusters.append(len(set(clusterer.cluster(problem.prompt, right))) if len(right) > 1 else len(right))
+    curve = pass_curve(correct, n)
+    return {"n": n, "problems": len(problems), "pass_at_k": {str(k): v for k, v in enumerate(curve, 1)},
+            "auc": auc_at_k(curve, n),
+            "clusters_among_correct": sum(clusters) / len(clusters) if clusters else None}
+
+
+def format_report(result: dict) -> str:
+    lines = [f"pass@k over {result['problems']} problems, n = {result['n']} samples each:"]
+    lines += [f"  pass@{k:<3s} {v:.4f}" for k, v in result["pass_at_k"].items()]
+    lines.append(f"  AUC@{result['n']}  {result['auc']:.4f}")
+    if result["clusters_among_correct"] is not None:
+        lines.append(f"  distinct strategies among correct answers (mean per problem): "
+                     f"{result['clusters_among_correct']:.2f}")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    from ..atomic import save_json
+
+    save_json(result, path)
+    Path(path).with_suffix(".txt").write_text(format_report(result) + "\n")
+
+
+__all__ = ["evaluate_passk", "format_report", "load_policy_engine", "write_report"]

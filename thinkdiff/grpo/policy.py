@@ -1,0 +1,59 @@
+"""The VLM policy being trained: a transformers model (full or LoRA through peft), its reference copy for the KL
+term, and per-token log-probabilities of completions. Any VLM our transformers engine runs works, Mllama with
+images included."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from ..vlm import VLMRequest
+from ..vlm.transformers_engine import TransformersEngine
+
+logger = logging.getLogger(__name__)
+
+
+class Policy:
+    def __init__(self, engine: TransformersEngine, lora_rank: int = 0, lora_alpha: int = 16,
+                 lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), keep_reference: bool = True):
+        self.engine = engine
+        self.lora = lora_rank > 0
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            engine.model = get_peft_model(engine.model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
+                                                                   target_modules=list(lora_targets)))
+        # The reference policy: with LoRA the adapters are switched off, otherwise a frozen copy of the start.
+        self.reference = None
+        if keep_reference and not self.lora:
+            self.reference = copy.deepcopy(engine.model).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def logprobs(self, request: VLMRequest, completion_ids: torch.Tensor, temperature: float = 1.0,
+                 reference: bool = False) -> torch.Tensor:
+        """log pi(token_j | prompt, tokens <j) for each completion token: [G] (grad unless `reference`)."""
+        inputs = self.engine.forward_inputs(request, completion_ids)
+        prompt_len = inputs["input_ids"].shape[1] - len(completion_ids)
+        if reference and self.lora:
+            model, context = self.model, self.model.disable_adapter()
+        elif reference:
+            model, context = self.reference, nullcontext()
+        else:
+            model, context = self.model, nullcontext()
+        with context, torch.set_grad_enabled(not reference and torch.is_grad_enabled()):
+            logits = model(**inputs, use_cache=False).logits[0, prompt_len - 1:-1].float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, completion_ids.to(logits.device)[:, None])[:, 0]
+
+    def save_pretrained(self, directory) -> None:
+        """Full weights or LoRA adapters, safetensors."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.engine.processor.save_pretrained(str(directory))

@@ -1,0 +1,187 @@
+"""GRPO with uniqueness-weighted advantages, one loop read top to bottom.
+
+    python train.py --config configs/grpo_rare.yaml [key.sub=value ...]
+
+Each step: take `problems_per_step` problems, sample K = `group_size` answers each from the policy (temperature
+sampling through our engine), score them with the problem's verifier, cluster each mixed group by solution strategy
+(judge), turn rewards into A = w * z (advantages.py), and update the policy with the clipped ratio loss plus KL to the
+reference policy (loss.py), `num_iterations` times per batch of rollouts.
+
+Why not TRL's GRPOTrainer: TRL 1.16 forwards no Mllama inputs (`aspect_ratio_ids`, `aspect_ratio_mask`,
+`cross_attention_mask`), so Llama-3.2-Vision, the seed's VLM, cannot be its policy; its VLM path needs a
+transformers `ProcessorMixin`, which Qwen2-VL only gets with torchvision (absent on CPU installs here); it supports
+vLLM up to 0.31 while we pin 0.32; and a reward function sees only a process's slice of a group, so group-level
+uniqueness weights need an override of a private method. Our loop reuses the engine's own inputs for every VLM it
+runs. One process for now (several processes raise a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
+from ..train.align import batch_indices
+from ..vlm import SamplingConfig, VLMRequest
+from ..vlm.transformers_engine import TransformersEngine
+from ..weights import resolve_model
+from .advantages import rare_advantages
+from .loss import policy_loss
+from .policy import Policy
+from .problems import load_problems
+from .strategies import EmbeddingClusterer, LLMJudgeClusterer, engine_ask, openai_ask
+from .verifiers import get_verifier
+
+logger = logging.getLogger(__name__)
+
+
+def build_clusterer(cfg: RareRewardConfig):
+    """The strategy clusterer the config asks for (None when alpha = 0 or judge = none)."""
+    if cfg.alpha == 0 or cfg.judge == "none":
+        return None
+    if cfg.judge == "embedding":
+        return EmbeddingClusterer(cfg.embedding_threshold)
+    if cfg.judge == "engine":
+        if not cfg.judge_model:
+            raise ValueError("reward.judge=engine needs reward.judge_model (a model folder or tiny:KIND).")
+        judge_engine = TransformersEngine(resolve_model(cfg.judge_model, "reward.judge_model"))
+        judge_engine.progress = False
+        return LLMJudgeClusterer(engine_ask(judge_engine, cfg.judge_max_new_tokens),
+                                 fallback=EmbeddingClusterer(cfg.embedding_threshold))
+    if cfg.judge == "openai":
+        if not cfg.judge_url or not cfg.judge_model:
+            raise ValueError("reward.judge=openai needs reward.judge_url and reward.judge_model.")
+        return LLMJudgeClusterer(openai_ask(cfg.judge_url, cfg.judge_model),
+                                 fallback=EmbeddingClusterer(cfg.embedding_threshold))
+    raise ValueError(f"Unknown reward.judge {cfg.judge!r}; choose embedding, engine, openai or none.")
+
+
+def score_group(problem, texts: list[str], clusterer, reward_cfg: RareRewardConfig):
+    """Rewards [K], advantages [K] and cluster labels (None when the group was not clustered)."""
+    verify = get_verifier(problem.verifier)
+    rewards = [verify(text, problem.answer) for text in texts]
+    labels = None
+    if clusterer is not None and len(set(rewards)) > 1:  # equal rewards give z = 0: skip the judge
+        labels = clusterer.cluster(problem.prompt, texts)
+    return rewards, rare_advantages(rewards, labels, reward_cfg.alpha, reward_cfg.scale), labels
+
+
+def save_policy(policy: Policy, directory: Path) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        policy.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_grpo(cfg: GRPOTrainConfig) -> Path:
+    """Train and return the folder of the final policy (`OUTPUT_DIR/policy`)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("The GRPO stage runs in one process for now; launch it without --num_processes.")
+    loop, loss_cfg = cfg.train, cfg.loss
+    out = Path(loop.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(loop.seed)
+    problems = load_problems(cfg.problems, cfg.limit)
+
+    engine = TransformersEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype),
+                                device=cfg.policy.device, max_images=cfg.policy.max_images)
+    engine.progress = False
+    policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0)
+    rollout_engine = engine
+    if cfg.rollout_backend == "vllm":
+        rollout_engine = _vllm_rollout_engine(cfg, policy)
+    elif cfg.rollout_backend != "transformers":
+        raise ValueError(f"rollout_backend must be transformers or vllm, got {cfg.rollout_backend!r}.")
+    clusterer = build_clusterer(cfg.reward)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    temperature = cfg.policy.temperature
+
+    log_path = out / "log.jsonl"
+    bar = tqdm(range(loop.max_steps), desc="grpo")
+    for step in bar:
+        start = time.perf_counter()
+        batch = [problems[i] for i in batch_indices(step, len(problems), loop.problems_per_step, loop.seed)]
+
+        # 1. Rollouts: K samples per problem.
+        policy.model.eval()
+        requests = [VLMRequest(p.prompt, p.images) for p in batch for _ in range(loop.group_size)]
+        sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens, min_new_tokens=cfg.policy.min_new_tokens,
+                                  do_sample=True, temperature=temperature, top_p=cfg.policy.top_p,
+                                  seed=loop.seed * 100_003 + step)
+        with torch.no_grad():
+            outputs = rollout_engine.generate(requests, [], sampling)
+        rollout_seconds = time.perf_counter() - start
+
+        # 2. Rewards, strategy clusters, uniqueness-weighted advantages.
+        rewards, advantages, distinct = [], [], []
+        for g, problem in enumerate(batch):
+            group = outputs[g * loop.group_size:(g + 1) * loop.group_size]
+            r, a, labels = score_group(problem, [o.text for o in group], clusterer, cfg.reward)
+            rewards += r
+            advantages.append(a)
+            if labels is not None:
+                distinct.append(len({lab for lab, ok in zip(labels, r) if ok > 0}))
+        advantages = torch.cat(advantages).float()
+
+        # 3. Policy update: old and reference log-probs, then the clipped loss, one sequence at a time.
+        completions = [o.output_token_ids for o in outputs]
+        with torch.no_grad():
+            old = [policy.logprobs(q, c, temperature) for q, c in zip(requests, completions)]
+            ref = [policy.logprobs(q, c, temperature, reference=True) if loss_cfg.beta else None
+                   for q, c in zip(requests, completions)]
+        policy.model.train()
+        total_tokens = sum(len(c) for c in completions)
+        longest = max(len(c) for c in completions)
+        for _ in range(loss_cfg.num_iterations):
+            optimizer.zero_grad()
+            step_loss, kl = 0.0, 0.0
+            for i, (q, c) in enumerate(zip(requests, completions)):
+                logp = policy.logprobs(q, c, temperature)
+                loss, stats = policy_loss(logp[None], old[i][None], None if ref[i] is None else ref[i][None],
+                                          advantages[i:i + 1], torch.ones(1, len(c)), beta=loss_cfg.beta,
+                                          eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                                          aggregation=loss_cfg.aggregation, max_completion_length=longest)
+                # Scale each sequence so the sum is the batch loss of the chosen aggregation.
+                share = len(c) / total_tokens if loss_cfg.aggregation == "token" else 1 / len(completions)
+                (loss * share).backward()
+                step_loss += loss.item() * share
+                kl += stats["kl"] * len(c) / total_tokens
+            if loop.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), loop.max_grad_norm)
+            optimizer.step()
+        if rollout_engine is not engine:
+            rollout_engine.update_weights(policy.model)
+
+        row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": step_loss, "kl": kl,
+               "clusters_among_correct": sum(distinct) / len(distinct) if distinct else None,
+               "rollout_s": rollout_seconds, "step_s": time.perf_counter() - start}
+        if isinstance(clusterer, LLMJudgeClusterer):
+            row.update(judge_calls=clusterer.calls, judge_failures=clusterer.failures)
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{step_loss:.4f}")
+        if loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0:
+            save_policy(policy, out / "checkpoints" / f"step-{step + 1:06d}")
+    save_policy(policy, out / "policy")
+    return out / "policy"
+
+
+def _vllm_rollout_engine(cfg: GRPOTrainConfig, policy: Policy):
+    from ..vlm.vllm_engine import VLLMEngine
+
+    return VLLMEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype))
