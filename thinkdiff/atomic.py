@@ -1,10 +1,12 @@
-"""Atomic file writes (temp file in the same folder, then rename), so a crash never leaves half a file."""
+"""Atomic writes (a temp file or folder beside the target, then rename), so a crash never leaves half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,3 +36,19 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 def save_json(obj, path: str | os.PathLike) -> None:
     """Write `obj` as indented JSON atomically."""
     _replace_into(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -11,11 +11,11 @@ Attention heads are 32 wide so the same checkpoints also run in vLLM's CPU backe
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_dir
 
 VLM_KINDS = ("llama", "mllama", "qwen2-vl")
 TEXT_ENCODER_KINDS = ("t5",)
@@ -88,20 +88,10 @@ def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> Path:
     """Build a tiny random model of `kind` and save it to `out_dir` (written to a temp dir, then renamed)."""
     _check_kind(kind)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         torch.manual_seed(seed)
         _BUILDERS[kind](tmp)
         (tmp / ".complete").write_text(f"thinkdiff tiny {kind} v{TINY_VERSION} seed {seed}\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if out_dir.exists() and not (out_dir / ".complete").exists():
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_dir
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
 from ..train.align import batch_indices
 from ..vlm import SamplingConfig, VLMRequest
@@ -74,16 +73,8 @@ def score_group(problem, texts: list[str], clusterer, reward_cfg: RareRewardConf
 
 
 def save_policy(policy: Policy, directory: Path) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         policy.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train_grpo(cfg: GRPOTrainConfig) -> Path:

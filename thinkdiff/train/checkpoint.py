@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from ..aligner import Aligner
-from ..atomic import save_json, save_safetensors
+from ..atomic import atomic_dir, save_json, save_safetensors
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -34,9 +33,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def save_checkpoint(output_dir: str | Path, step: int, aligner: Aligner, optimizer, scheduler,
                     keep: int = 2) -> Path:
     final = checkpoint_dir(output_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         aligner.save_pretrained(tmp / "aligner")
         state = optimizer.state_dict()
         tensors = {f"state.{p}.{name}": value for p, values in state["state"].items()
@@ -46,12 +43,6 @@ def save_checkpoint(output_dir: str | Path, step: int, aligner: Aligner, optimiz
         py_state = random.getstate()
         save_json({"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(),
                    "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}, tmp / "trainer_state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(final.parent.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
