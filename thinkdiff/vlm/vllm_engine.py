@@ -10,7 +10,8 @@ torch.compile), prefix caching off (cached prefixes are never recomputed), head 
 plugin (vllm_mllama.py) for images and text. Qwen2-VL in vLLM needs torchvision.
 
 vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `worker.model_runner.get_model()`,
-`model_runner.input_batch.{num_reqs, num_prompt_tokens, token_ids_cpu}`, `model_runner.query_start_loc.np`, and the
+`model_runner.input_batch.{num_reqs, num_prompt_tokens, num_computed_tokens_cpu, token_ids_cpu}`,
+`model_runner.query_start_loc.np`, `model_runner.reload_weights(weights_iterator=...)` (weight sync), and the
 decoder layers' call signature `layer(positions, hidden_states, residual)` returning `(hidden, residual)`, whose sum
 is the residual stream (vLLM's Llama/Qwen2 layers and our Mllama layers alike).
 """
@@ -238,5 +239,5 @@ def _collect_hooks(worker) -> bytes:
 
 
 def _load_weights(worker, payload: bytes) -> None:
-    weights = pickle.loads(payload)
-    worker.model_runner.get_model().load_weights(iter(weights.items()))
+    # `reload_weights` re-runs the model's weight processing (the CPU backend repacks linear weights for oneDNN).
+    worker.model_runner.reload_weights(weights_iterator=iter(pickle.loads(payload).items()))

@@ -1,0 +1,140 @@
+"""The vLLM engine against the transformers engine: same greedy tokens, states within 1e-4 (float32).
+
+vLLM runs in a child process (this file run as a script) and writes its results; transformers runs here. Cases:
+tiny Llama; tiny Mllama through our vLLM plugin with 1-3 images (image first, text before the image, text between
+images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2); seeded
+sampling; weights pushed from a transformers model into vLLM (GRPO's sync).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TOL = 1e-4
+LAYERS = [0, 1, 2, 4]
+
+
+def image(width, height, seed):
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+def cases():
+    from thinkdiff.vlm import VLMRequest
+
+    return {
+        "llama": [VLMRequest("Describe a red apple."), VLMRequest("Tell me a story about a dog and a ball.")],
+        "mllama": [
+            VLMRequest("Describe the image concisely.", [image(70, 40, 1)]),  # 4 tiles, image first
+            VLMRequest("Look at this picture: <image> Describe it.", [image(56, 28, 2)]),  # text before image
+            VLMRequest("A cat <image> and a dog <image> which is bigger?", [image(90, 30, 3), image(28, 28, 4)]),
+            VLMRequest("<image><image> Compare these. <image> Which one is odd?",
+                       [image(28, 28, 5), image(56, 28, 6), image(30, 90, 7)]),
+            VLMRequest("A text-only question about apples."),
+        ],
+    }
+
+
+def run_child(out: str) -> None:
+    """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkdiff.tiny import tiny_path
+    from thinkdiff.vlm import SamplingConfig
+    from thinkdiff.vlm.vllm_engine import VLLMEngine
+
+    results = {}
+    greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    for kind, requests in cases().items():
+        engine = VLLMEngine(tiny_path(kind), max_images=3 if kind == "mllama" else None)
+        engine.progress = False
+        results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                         for s in engine.generate(requests, LAYERS, greedy)]
+        if kind == "llama":
+            sampled = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.5)
+            runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
+                    for s in (3, 3, 4)]
+            results["sampled"] = [[o.output_token_ids for o in run] for run in runs]
+            model = AutoModelForCausalLM.from_pretrained(tiny_path("llama"))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.1)
+            engine.update_weights(model)
+            results["updated"] = [s.output_token_ids for s in engine.generate(requests, [], greedy)]
+            try:
+                engine.generate(requests, [9])
+            except ValueError as err:
+                results["layer_error"] = str(err)
+        else:
+            from thinkdiff.vlm import VLMRequest
+
+            try:
+                engine.generate([VLMRequest("four images", [image(28, 28, 0)] * 4)], [1])
+            except ValueError as err:
+                results["image_error"] = str(err)
+            results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
+        del engine
+    torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def vllm_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm") / "results.pt"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mllama"])
+def test_vllm_matches_transformers(vllm_results, engine, kind):
+    from thinkdiff.vlm import SamplingConfig
+
+    greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    # One request at a time: left padding in a transformers batch can flip near-tied greedy choices.
+    reference = [engine(kind).generate([r], LAYERS, greedy)[0] for r in cases()[kind]]
+    assert len(reference) == len(vllm_results[kind])
+    for ref, (prompt, output, input_embed, output_embed) in zip(reference, vllm_results[kind]):
+        assert torch.equal(ref.prompt_token_ids, prompt)
+        assert torch.equal(ref.output_token_ids, output)
+        for layer in LAYERS:
+            assert (ref.input_embed[layer] - input_embed[layer]).abs().max() <= TOL
+            assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
+
+
+def test_seeded_sampling_reproduces(vllm_results):
+    a, b, c = vllm_results["sampled"]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not torch.equal(a[0], a[1])  # two samples of one prompt differ (per-request seeds)
+
+
+def test_weight_update_reaches_vllm(vllm_results, tiny):
+    from thinkdiff.vlm import SamplingConfig
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny("llama"))
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.mul_(1.1)
+    reference = engine.generate(cases()["llama"], [], SamplingConfig(max_new_tokens=6, min_new_tokens=6))
+    assert [r.output_token_ids.tolist() for r in reference] == [t.tolist() for t in vllm_results["updated"]]
+    assert [t.tolist() for t in vllm_results["updated"]] != [r[1].tolist() for r in vllm_results["llama"]]
+
+
+def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(vllm_results):
+    assert "valid layers are 0..4" in vllm_results["layer_error"]
+    assert "at most 3" in vllm_results["image_error"]
+    assert torch.equal(vllm_results["after_error"], vllm_results["mllama"][0][1])
+
+
+if __name__ == "__main__":
+    run_child(sys.argv[1])
