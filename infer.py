@@ -29,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: from the config)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: from the config)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: from the config)")
+    parser.add_argument("--backend", choices=("transformers", "vllm", "remote"), default=None,
+                        help="VLM backend (default: from the config); with remote, vlm.model is the server URL")
     parser.add_argument("--num-images", type=int, default=1, help="images to draw from one VLM answer")
     parser.add_argument("--out", default="outputs/thinkdiff.png",
                         help="PNG path; a JSON sidecar with the VLM answer, config and timings goes beside it")
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
     from thinkdiff.config import InferenceConfig, load_config, to_dict
     from thinkdiff.pipeline import ThinkDiffPipeline
 
-    config = load_config(InferenceConfig, args.config, args.overrides)
+    backend = [f"vlm.backend={args.backend}"] if args.backend else []
+    config = load_config(InferenceConfig, args.config, backend + args.overrides)
     seed = config.seed if args.seed is None else args.seed
     start = time.perf_counter()
     pipe = ThinkDiffPipeline.from_config(config)

@@ -1,24 +1,40 @@
-"""VLM engines behind one interface. `make_engine(VLMConfig)` picks the backend."""
+"""VLM engines behind one interface. `make_engine(VLMConfig)` picks the backend.
+
+| family          | transformers        | vllm (0.32)                                           | remote               |
+| --------------- | ------------------- | ----------------------------------------------------- | -------------------- |
+| Llama (text)    | yes (reference)     | yes                                                   | what the server runs |
+| Mllama + images | yes (reference)     | yes, through our plugin (vllm_mllama.py)              | what the server runs |
+| Mllama, text    | yes                 | yes, through our plugin                               | what the server runs |
+| Qwen2-VL family | yes (PIL processor) | needs torchvision (vLLM's own Qwen2-VL code)          | what the server runs |
+"""
 
 from __future__ import annotations
 
 from .engine import IMAGE_MARKER, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
-BACKENDS = ("transformers",)
+BACKENDS = ("transformers", "vllm", "remote")
 
 
 def make_engine(config) -> HiddenStateEngine:
-    """An engine for `config` (a `thinkdiff.config.VLMConfig`)."""
+    """An engine for `config` (a `thinkdiff.config.VLMConfig`). For `remote`, `config.model` is the server's URL."""
     from ..config import torch_dtype
     from ..weights import resolve_model
 
     if config.backend not in BACKENDS:
         raise ValueError(f"Unknown VLM backend {config.backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if config.backend == "remote":
+        from .remote_engine import RemoteEngine
+
+        return RemoteEngine(config.model)
     path = resolve_model(config.model, "vlm.model")
+    dtype = torch_dtype(config.dtype)
+    if config.backend == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(path, dtype=dtype, max_images=config.max_images)
     from .transformers_engine import TransformersEngine
 
-    return TransformersEngine(path, dtype=torch_dtype(config.dtype), device=config.device,
-                              max_images=config.max_images)
+    return TransformersEngine(path, dtype=dtype, device=config.device, max_images=config.max_images)
 
 
 def sampling_from(config) -> SamplingConfig:
