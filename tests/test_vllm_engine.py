@@ -1,8 +1,8 @@
 """The vLLM engine against the transformers engine: same greedy tokens, states within 1e-4 (float32).
 
 vLLM runs in a child process (this file run as a script) and writes its results; transformers runs here. Cases:
-tiny Llama; tiny Mllama through our vLLM plugin with 1-3 images (image first, text before the image, text between
-images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2); seeded
+tiny Llama; tiny Mllama through our vLLM plugin with 1-3 images (image first, text before an image of 1, 2, 3 and 4
+tiles, text between images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2); seeded
 sampling; weights pushed from a transformers model into vLLM (GRPO's sync).
 """
 
@@ -38,7 +38,8 @@ def cases():
             VLMRequest("<image><image> Compare these. <image> Which one is odd?",
                        [image(28, 28, 5), image(56, 28, 6), image(30, 90, 7)]),
             VLMRequest("A text-only question about apples."),
-        ],
+        ] + [VLMRequest(f"Chat first, {n} tiles: <image> what is it?", [image(w, h, 10 + n)])  # text before image
+             for n, (w, h) in enumerate([(28, 28), (56, 28), (30, 90), (70, 40)], 1)],
     }
 
 
