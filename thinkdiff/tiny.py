@@ -23,7 +23,7 @@ DECODER_KINDS = ("flux", "sd3", "sd15", "sana", "qwenimage")
 KINDS = VLM_KINDS + TEXT_ENCODER_KINDS + DECODER_KINDS
 
 # Bumped whenever a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = 3
+TINY_VERSION = 4
 
 _CORPUS = [
     "Create an image of a red apple on a wooden table in soft morning light.",
@@ -39,7 +39,7 @@ _CORPUS = [
 
 _LLAMA_SPECIALS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<|finetune_right_pad_id|>", "<|python_tag|>", "<|image|>",
+    "<|finetune_right_pad_id|>", "<|python_tag|>",
 ]
 _QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -117,9 +117,11 @@ def _bpe_tokenizer(specials: list[str], **named_tokens):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, **named_tokens)
 
 
-def _llama_tokenizer():
+def _llama_tokenizer(image_token: bool = False):
     tok = _bpe_tokenizer(_LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                          pad_token="<|finetune_right_pad_id|>")
+    if image_token:  # last id, as in Llama-3.2-Vision: outside the LM head, so it is never generated
+        tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
     tok.chat_template = LLAMA_CHAT_TEMPLATE
     return tok
 
@@ -161,9 +163,11 @@ def _build_mllama(out: Path) -> None:
     from transformers import (GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor)
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    tok = _llama_tokenizer()
+    tok = _llama_tokenizer(image_token=True)
     image_token_id = tok.convert_tokens_to_ids("<|image|>")
-    text = dict(_TEXT, vocab_size=len(tok), cross_attention_layers=[1], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    assert image_token_id == len(tok) - 1
+    # vocab_size excludes <|image|> (= vocab_size); transformers' embedding table has vocab_size + 8 rows.
+    text = dict(_TEXT, vocab_size=image_token_id, cross_attention_layers=[1], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
                   attention_heads=2, vision_output_dim=192, intermediate_layers_indices=[0, 1], image_size=28,
