@@ -43,6 +43,28 @@ def cases():
     }
 
 
+def serve_and_ask(engine, requests, sampling):
+    """`thinkdiff serve` on this engine; a client sends the requests with images (base64) in one call, then 8
+    clients send one request each at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from thinkdiff.serve import HiddenStateServer
+    from thinkdiff.vlm.remote_engine import RemoteEngine
+
+    server = HiddenStateServer(engine, port=0)
+    server.start()
+    try:
+        client = RemoteEngine(server.url)
+        served = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                  for s in client.generate(requests, LAYERS, sampling)]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(RemoteEngine(server.url).generate, [r], [], sampling) for r in requests[:8]]
+            concurrent = [f.result(timeout=300)[0].output_token_ids for f in futures]
+    finally:
+        server.close()
+    return served, concurrent
+
+
 def run_child(out: str) -> None:
     """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
     from transformers import AutoModelForCausalLM
@@ -81,6 +103,7 @@ def run_child(out: str) -> None:
             except ValueError as err:
                 results["image_error"] = str(err)
             results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
+            results["served"], results["concurrent"] = serve_and_ask(engine, requests, greedy)
         del engine
     torch.save(results, out)
 
@@ -109,6 +132,22 @@ def test_vllm_matches_transformers(vllm_results, engine, kind):
         for layer in LAYERS:
             assert (ref.input_embed[layer] - input_embed[layer]).abs().max() <= TOL
             assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
+
+
+def test_served_vllm_matches_transformers(vllm_results, engine):
+    """`thinkdiff serve --backend vllm` with images sent by a client, and 8 concurrent clients."""
+    from thinkdiff.vlm import SamplingConfig
+
+    greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    reference = [engine("mllama").generate([r], LAYERS, greedy)[0] for r in cases()["mllama"]]
+    for ref, (prompt, output, input_embed, output_embed) in zip(reference, vllm_results["served"]):
+        assert torch.equal(ref.output_token_ids, output) and torch.equal(ref.prompt_token_ids, prompt)
+        for layer in LAYERS:
+            assert (ref.input_embed[layer] - input_embed[layer]).abs().max() <= TOL
+            assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
+    assert len(vllm_results["concurrent"]) == 8
+    for ref, output in zip(reference, vllm_results["concurrent"]):
+        assert torch.equal(ref.output_token_ids, output)
 
 
 def test_seeded_sampling_reproduces(vllm_results):

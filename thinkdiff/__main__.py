@@ -1,4 +1,4 @@
-"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk."""
+"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve."""
 
 from __future__ import annotations
 
@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.set_defaults(func=cmd_extract)
+
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

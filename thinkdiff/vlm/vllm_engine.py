@@ -200,7 +200,7 @@ def _install_hooks(worker, layers: list[int], num_layers: int) -> None:
         record = steps[-1]["states"]
         for k in layers:
             if k <= upto and k not in record:
-                record[k] = stream.detach().float().cpu()
+                record[k] = stream.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses buffers in place
 
     def layer_pre_hook(index):
         def hook(module, args, kwargs):
