@@ -76,3 +76,24 @@ def test_plain_grpo_skips_the_judge(task, tmp_path):
     assert rows(tmp_path)[0]["clusters_among_correct"] is None
     with pytest.raises(ValueError, match="judge_model"):
         train_grpo(config(task, tmp_path / "x", "reward.judge=engine"))
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_grpo_with_vllm_rollouts(tmp_path, lora):
+    """Rollouts from the vLLM engine, policy weights (LoRA merged) pushed into it after every update."""
+    import os
+    import subprocess
+    import sys
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i % 2} plus {1 - i % 2}?",
+                                            "answer": "1"}) + "\n" for i in range(4)))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "grpo_tiny.yaml"),
+         f"problems={problems}", "policy.model=tiny:llama", "rollout_backend=vllm", f"lora_rank={lora}",
+         f"train.output_dir={tmp_path / 'out'}", "train.max_steps=3", "policy.max_new_tokens=16",
+         "policy.temperature=1.5", "train.lr=1e-3"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = rows(tmp_path / "out")
+    assert len(log) == 3 and log[-1]["kl"] > 0
