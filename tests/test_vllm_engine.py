@@ -105,6 +105,11 @@ def run_child(out: str) -> None:
             results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
             results["served"], results["concurrent"] = serve_and_ask(engine, requests, greedy)
         del engine
+    try:  # vLLM's own Qwen2-VL code imports torchvision, which this CPU install lacks on purpose
+        VLLMEngine(tiny_path("qwen2-vl"))
+        results["qwen2_vl"] = "loaded"
+    except ImportError as err:
+        results["qwen2_vl"] = str(err)
     torch.save(results, out)
 
 
@@ -174,6 +179,14 @@ def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(vllm_results
     assert "valid layers are 0..4" in vllm_results["layer_error"]
     assert "at most 3" in vllm_results["image_error"]
     assert torch.equal(vllm_results["after_error"], vllm_results["mllama"][0][1])
+
+
+def test_qwen2_vl_without_torchvision_says_why(vllm_results):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here")  # never in this project's CI (CPU build without it)
+    except ImportError:
+        assert "needs torchvision" in vllm_results["qwen2_vl"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve."""
+"""`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve,
+eval-cobsat, make-mini-cobsat."""
 
 from __future__ import annotations
 
@@ -162,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.set_defaults(func=cmd_extract)
 
+    from .eval.cli import add_parsers as add_eval_parsers
     from .serve import add_serve_parser
 
     add_serve_parser(sub)
+    add_eval_parsers(sub)
     return parser
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _replace_into(path: Path, write) -> None:
+def replace_into(path: Path, write) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -30,12 +31,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (made contiguous, on CPU) to a safetensors file atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _replace_into(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    replace_into(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_json(obj, path: str | os.PathLike) -> None:
     """Write `obj` as indented JSON atomically."""
-    _replace_into(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    replace_into(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 @contextmanager
