@@ -43,6 +43,20 @@ def cases():
     }
 
 
+def make_head16_llama(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinkdiff.tiny import tiny_path
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                                 intermediate_size=64, vocab_size=420)).save_pretrained(out)
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(tiny_path("llama")) / name).exists():
+            shutil.copy(Path(tiny_path("llama")) / name, out / name)
+
+
 def serve_and_ask(engine, requests, sampling):
     """`thinkdiff serve` on this engine; a client sends the requests with images (base64) in one call, then 8
     clients send one request each at the same time."""
@@ -105,6 +119,12 @@ def run_child(out: str) -> None:
             results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
             results["served"], results["concurrent"] = serve_and_ask(engine, requests, greedy)
         del engine
+    head16 = Path(out).parent / "head16"
+    make_head16_llama(head16)
+    try:
+        VLLMEngine(head16)
+    except ValueError as err:
+        results["head_error"] = str(err)
     try:  # vLLM's own Qwen2-VL code imports torchvision, which this CPU install lacks on purpose
         VLLMEngine(tiny_path("qwen2-vl"))
         results["qwen2_vl"] = "loaded"
@@ -179,6 +199,10 @@ def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(vllm_results
     assert "valid layers are 0..4" in vllm_results["layer_error"]
     assert "at most 3" in vllm_results["image_error"]
     assert torch.equal(vllm_results["after_error"], vllm_results["mllama"][0][1])
+
+
+def test_cpu_head_size_limit_is_named(vllm_results):
+    assert "head size is 16" in vllm_results["head_error"] and "32, 64, 80" in vllm_results["head_error"]
 
 
 def test_qwen2_vl_without_torchvision_says_why(vllm_results):

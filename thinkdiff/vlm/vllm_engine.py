@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32"
 DEFAULT_MAX_IMAGES = 8
+# Attention head sizes vLLM 0.32's CPU attention backend runs (vllm/v1/attention/backends/cpu_attn.py).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def _set_vllm_env() -> None:
@@ -55,6 +57,10 @@ class VLLMEngine(HiddenStateEngine):
         self.family = model_family(config)
         text_config = config.get_text_config()
         self.num_layers, self.hidden_size = text_config.num_hidden_layers, text_config.hidden_size
+        head_size = getattr(text_config, "head_dim", None) or self.hidden_size // text_config.num_attention_heads
+        if not torch.cuda.is_available() and head_size not in CPU_HEAD_SIZES:
+            raise ValueError(f"This model's attention head size is {head_size}; vLLM's CPU backend runs head sizes "
+                             f"{', '.join(map(str, CPU_HEAD_SIZES))} only. Use the transformers backend.")
         self.processor = _load_processor(self.model_path, self.family)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if self.family == "text":
