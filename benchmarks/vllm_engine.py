@@ -61,7 +61,6 @@ def main() -> None:
         print(f"  vLLM generate + layer states  {n / gen_states:8.1f} req/s   overhead {gen_states / gen:.2f}x")
         print(f"  transformers generate + states{n / hf_states:8.1f} req/s   vLLM / transformers "
               f"{hf_states / gen_states:.2f}x")
-        del vllm_engine, hf
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@ the oracle judge, resumability, crash isolation, text-bridge, judges, and an end
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -349,7 +347,7 @@ def test_resume_judges_an_image_already_on_disk(mini, tmp_path):
 
 def test_end_to_end_tiny_models_and_resume(mini, tmp_path, capsys):
     """2 tasks x 2 shots x 2 samples: tiny Mllama -> aligner -> tiny FLUX, tiny Mllama judging via the engine."""
-    from thinkdiff.eval.cli import main
+    from thinkdiff.__main__ import main
 
     run = tmp_path / "run"
     argv = ["eval-cobsat", "--config", str(TINY_CONFIG), "--root", str(mini), "--tasks", "1", "8", "--shots", "2",

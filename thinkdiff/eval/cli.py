@@ -1,10 +1,7 @@
-"""`python -m thinkdiff eval-cobsat` and `make-mini-cobsat`. `add_parsers(subparsers)` registers both; this module
-also runs alone: `python -m thinkdiff.eval.cli eval-cobsat ...`."""
+"""`python -m thinkdiff eval-cobsat` and `make-mini-cobsat`: `add_parsers(subparsers)` registers both."""
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 
@@ -79,22 +76,3 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.set_defaults(func=cmd_make_mini_cobsat)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m thinkdiff.eval.cli")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
