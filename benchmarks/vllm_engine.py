@@ -1,17 +1,24 @@
-"""vLLM engine costs, measured in one run on tiny models (32 requests each):
+"""vLLM engine costs, measured in one run on tiny models (32 requests x 32 tokens by default):
 
-  1. hidden-state extraction overhead: vLLM generate + layer states vs vLLM generate alone (goal <= 1.15x)
-  2. throughput, requests/s: vLLM engine vs transformers engine, same requests and tokens
-for tiny Llama (text) and tiny Mllama with one image per request (our vLLM plugin).
+  (a) hidden-state overhead: vLLM generate + layer states vs vLLM generate alone (goal <= 1.15x), for the final
+      layer and for 3 layers
+  (b) throughput, requests/s: vLLM engine vs transformers engine, both generating and returning states
+for tiny Llama (text; states recorded while generating) and tiny Mllama with one image per request (our vLLM
+plugin; encoder-decoder, so states come from one prefill pass after generating).
 
-    .venv/bin/python benchmarks/vllm_engine.py [--requests 32] [--tokens 32]
+vLLM runs are interleaved and summarised by their medians (other work may share the CPU). Every timed call gets
+prompts of its own, so no call reuses another's prefix cache.
+
+    .venv/bin/python benchmarks/vllm_engine.py [--requests 32] [--tokens 32] [--rounds 5] [--kinds llama mllama]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
+import statistics
 import time
 
 import numpy as np
@@ -21,46 +28,71 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def best_of(fn, repeat=3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
+    from thinkdiff.tiny import tiny_path
+    from thinkdiff.vlm import SamplingConfig, VLMRequest
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+    from thinkdiff.vlm.vllm_engine import VLLMEngine
+
+    rng = np.random.RandomState(0)
+    calls = itertools.count()
+
+    def fresh():  # same length every call, a different first block
+        c = next(calls)
+        images = lambda: [Image.fromarray((rng.rand(40, 70, 3) * 255).astype("uint8"))] if kind == "mllama" else []
+        return [VLMRequest(f"{c:06d} request {i:02d}: describe what you see in a few words.", images())
+                for i in range(n)]
+
+    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
+    engine = VLLMEngine(tiny_path(kind))
+    engine.progress = False
+    last, three = [-1], [0, engine.num_layers // 2, engine.num_layers]
+    runs = {"generate": lambda r: engine.generate(r, [], sampling),
+            "generate + final layer": lambda r: engine.generate(r, last, sampling),
+            "generate + 3 layers": lambda r: engine.generate(r, three, sampling)}
+    times = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn(fresh())
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            requests = fresh()
+            times[name].append(timed(lambda: fn(requests)))
+    vllm_s = {name: statistics.median(t) for name, t in times.items()}
+
+    hf = TransformersEngine(tiny_path(kind))
+    hf.progress = False
+    hf.generate(fresh()[:2], last, sampling)  # warm-up
+    hf_s = statistics.median(timed(lambda: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
+
+    label = "tiny Llama, text" if kind == "llama" else "tiny Mllama, 1 image (4 tiles) per request, vLLM plugin"
+    mode = "recorded while generating" if engine.prefix_caching else "one prefill pass after generating"
+    print(f"{label}: {n} requests x {tokens} tokens, float32, {os.cpu_count()} CPU threads; states {mode}; "
+          f"medians of {rounds} interleaved rounds")
+    for name, seconds in vllm_s.items():
+        print(f"  vLLM {name:24s} {seconds * 1e3:8.1f} ms  {n / seconds:8.1f} req/s")
+    print(f"  (a) states overhead, final layer: {vllm_s['generate + final layer'] / vllm_s['generate']:.2f}x "
+          f"(goal <= 1.15x); 3 layers: {vllm_s['generate + 3 layers'] / vllm_s['generate']:.2f}x")
+    print(f"  transformers generate + final layer {hf_s * 1e3:8.1f} ms  {n / hf_s:8.1f} req/s")
+    print(f"  (b) vLLM / transformers throughput with states: {hf_s / vllm_s['generate + final layer']:.2f}x")
+    del engine
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", default=["llama", "mllama"], choices=["llama", "mllama"])
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    from thinkdiff.tiny import tiny_path
-    from thinkdiff.vlm import SamplingConfig, VLMRequest
-    from thinkdiff.vlm.transformers_engine import TransformersEngine
-    from thinkdiff.vlm.vllm_engine import VLLMEngine
-
-    sampling = SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-    rng = np.random.RandomState(0)
-    for kind in ("llama", "mllama"):
-        images = lambda i: [Image.fromarray((rng.rand(40, 70, 3) * 255).astype("uint8"))] if kind == "mllama" else []
-        requests = [VLMRequest(f"Request {i}: describe what you see in a few words.", images(i))
-                    for i in range(args.requests)]
-        vllm_engine = VLLMEngine(tiny_path(kind))
-        hf = TransformersEngine(tiny_path(kind))
-        vllm_engine.progress = hf.progress = False
-        gen = best_of(lambda: vllm_engine.generate(requests, [], sampling))
-        gen_states = best_of(lambda: vllm_engine.generate(requests, [-1], sampling))
-        hf_states = best_of(lambda: hf.generate(requests, [-1], sampling), repeat=1)
-        n = len(requests)
-        label = "tiny Llama, text" if kind == "llama" else "tiny Mllama, 1 image (4 tiles) per request, vLLM plugin"
-        print(f"{label}: {n} requests x {args.tokens} tokens")
-        print(f"  vLLM generate                 {n / gen:8.1f} req/s")
-        print(f"  vLLM generate + layer states  {n / gen_states:8.1f} req/s   overhead {gen_states / gen:.2f}x")
-        print(f"  transformers generate + states{n / hf_states:8.1f} req/s   vLLM / transformers "
-              f"{hf_states / gen_states:.2f}x")
+    for kind in args.kinds:
+        bench(kind, args.requests, args.tokens, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The vLLM engine against the transformers engine: same greedy tokens, states within 1e-4 (float32).
 
-vLLM runs in a child process (this file run as a script) and writes its results; transformers runs here. Cases:
-tiny Llama; tiny Mllama through our vLLM plugin with 1-3 images (image first, text before an image of 1, 2, 3 and 4
-tiles, text between images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2); seeded
-sampling; weights pushed from a transformers model into vLLM (GRPO's sync).
+vLLM runs in a child process (this file run as a script) and writes its results; transformers runs here (vLLM's
+Transformers backend patches transformers classes, after which an HF Mllama cannot be built). Cases: tiny Llama
+with prefix caching (states recorded while generating) and chunked prefill (64 tokens per step); tiny Mllama
+through our vLLM plugin with 1-3 images (image first, text before an image of 1, 2, 3 and 4 tiles, text between
+images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2), which
+runs without prefix caching (encoder-decoder); tiny Mllama text-only (prefix caching); seeded sampling, with states
+for copies of one prompt (rows shared through the prefix cache); weights pushed from a transformers model into vLLM
+(GRPO's sync).
 """
 
 from __future__ import annotations
@@ -79,6 +83,14 @@ def serve_and_ask(engine, requests, sampling):
     return served, concurrent
 
 
+def shared_prefix_requests():
+    """Three copies of one prompt (GRPO's group) and another prompt: the copies share KV blocks in vLLM."""
+    from thinkdiff.vlm import VLMRequest
+
+    return [VLMRequest("Tell me a story about a dog and a ball, then describe the house with a garden.")] * 3 + [
+        VLMRequest("Describe a red apple on a wooden table.")]
+
+
 def run_child(out: str) -> None:
     """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
     from transformers import AutoModelForCausalLM
@@ -90,8 +102,12 @@ def run_child(out: str) -> None:
     results = {}
     greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
     for kind, requests in cases().items():
-        engine = VLLMEngine(tiny_path(kind), max_images=3 if kind == "mllama" else None)
+        if kind == "mllama":
+            engine = VLLMEngine(tiny_path(kind), max_images=3)
+        else:  # chunked prefill: prompts are split over steps
+            engine = VLLMEngine(tiny_path(kind), batch_size=8, max_num_batched_tokens=64)
         engine.progress = False
+        results[f"{kind}_prefix_caching"] = engine.prefix_caching
         results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                          for s in engine.generate(requests, LAYERS, greedy)]
         if kind == "llama":
@@ -99,6 +115,9 @@ def run_child(out: str) -> None:
             runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
                     for s in (3, 3, 4)]
             results["sampled"] = [[o.output_token_ids for o in run] for run in runs]
+            results["shared"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                                 for s in engine.generate(shared_prefix_requests(), LAYERS,
+                                                          SamplingConfig(**{**vars(sampled), "seed": 5}))]
             model = AutoModelForCausalLM.from_pretrained(tiny_path("llama"))
             with torch.no_grad():
                 for p in model.parameters():
@@ -119,6 +138,19 @@ def run_child(out: str) -> None:
             results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
             results["served"], results["concurrent"] = serve_and_ask(engine, requests, greedy)
         del engine
+    from thinkdiff.vlm import VLMRequest
+
+    engine = VLLMEngine(tiny_path("mllama"), max_images=0)  # text-only Mllama: a decoder with prefix caching
+    engine.progress = False
+    results["mllama_text_prefix_caching"] = engine.prefix_caching
+    text_requests = [r for r in cases()["mllama"] if not r.images] + [VLMRequest("Describe a cat next to a car.")]
+    results["mllama_text"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                              for s in engine.generate(text_requests, LAYERS, greedy)]
+    try:
+        engine.generate([VLMRequest("an image", [image(28, 28, 0)])], [1])
+    except ValueError as err:
+        results["text_only_image_error"] = str(err)
+    del engine
     head16 = Path(out).parent / "head16"
     make_head16_llama(head16)
     try:
@@ -157,6 +189,51 @@ def test_vllm_matches_transformers(vllm_results, engine, kind):
         for layer in LAYERS:
             assert (ref.input_embed[layer] - input_embed[layer]).abs().max() <= TOL
             assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
+
+
+def close_to(ref, prompt, output, input_embed, output_embed):
+    assert torch.equal(ref.prompt_token_ids, prompt)
+    assert torch.equal(ref.output_token_ids, output)
+    for layer in LAYERS:
+        assert input_embed[layer].shape == ref.input_embed[layer].shape
+        assert output_embed[layer].shape == ref.output_embed[layer].shape
+        assert input_embed[layer].dtype == torch.float32
+        assert (ref.input_embed[layer] - input_embed[layer]).abs().max() <= TOL
+        assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
+
+
+def test_states_recorded_while_generating_where_prefix_caching_is_on(vllm_results):
+    """Text models record states while generating (prefix caching on); Mllama with images cannot (encoder-decoder
+    in vLLM: no prefix caching) and states come from the prefill pass alone. Both paths are compared above."""
+    assert vllm_results["llama_prefix_caching"] and vllm_results["mllama_text_prefix_caching"]
+    assert not vllm_results["mllama_prefix_caching"]
+
+
+def test_mllama_text_only_engine_matches_transformers(vllm_results, engine):
+    from thinkdiff.vlm import SamplingConfig, VLMRequest
+
+    greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    requests = [r for r in cases()["mllama"] if not r.images] + [VLMRequest("Describe a cat next to a car.")]
+    for request, got in zip(requests, vllm_results["mllama_text"], strict=True):
+        close_to(engine("mllama").generate([request], LAYERS, greedy)[0], *got)
+    assert "at most 0" in vllm_results["text_only_image_error"]
+
+
+def test_sampled_copies_of_a_prompt_get_the_states_of_their_own_answers(vllm_results, engine):
+    """Copies of one prompt share KV blocks, so vLLM computes their prompt rows once; each copy still gets the
+    states of one forward pass over its prompt + its own sampled answer."""
+    shared = vllm_results["shared"]
+    assert len({tuple(output.tolist()) for _, output, _, _ in shared[:3]}) == 3  # three different answers
+    eng = engine("llama")
+    for request, (prompt, output, input_embed, output_embed) in zip(shared_prefix_requests(), shared, strict=True):
+        assert torch.equal(prompt, torch.tensor(eng.tokenizer(eng.chat_text(request), add_special_tokens=False)
+                                                ["input_ids"]))
+        states = eng._states(request, prompt, output, LAYERS)
+        p = len(prompt)
+        for layer in LAYERS:
+            assert (states[layer][:p] - input_embed[layer]).abs().max() <= TOL
+            assert (states[layer][p:] - output_embed[layer]).abs().max() <= TOL
+            assert output_embed[layer].shape == (len(output), eng.hidden_size)
 
 
 def test_served_vllm_matches_transformers(vllm_results, engine):

