@@ -80,7 +80,6 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
           f"(goal <= 1.15x); 3 layers: {vllm_s['generate + 3 layers'] / vllm_s['generate']:.2f}x")
     print(f"  transformers generate + final layer {hf_s * 1e3:8.1f} ms  {n / hf_s:8.1f} req/s")
     print(f"  (b) vLLM / transformers throughput with states: {hf_s / vllm_s['generate + final layer']:.2f}x")
-    del engine
 
 
 def main() -> None:

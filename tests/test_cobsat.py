@@ -79,7 +79,7 @@ def cobsat_get_eval_prompt(category_space, item_list):  # evaluation_icl.get_eva
     prompts = {
         "detail": f"What is the {category_space['detail']} (of the main object) in this image? Answer from the "
                   "following options: ",
-        "obj": f"What is the main object in this image? Answer from the following options: ",
+        "obj": "What is the main object in this image? Answer from the following options: ",
     }
     for mode in prompts:
         for i, item in enumerate(item_list[mode]):
