@@ -3,8 +3,9 @@
   (a) hidden-state overhead: vLLM generate + layer states vs vLLM generate alone (goal <= 1.15x), for the final
       layer and for 3 layers
   (b) throughput, requests/s: vLLM engine vs transformers engine, both generating and returning states
-for tiny Llama (text; states recorded while generating) and tiny Mllama with one image per request (our vLLM
-plugin; encoder-decoder, so states come from one prefill pass after generating).
+for tiny Llama (text) and tiny Mllama with one image per request (our vLLM plugin). Every answer runs to
+max_new_tokens, so the states are all recorded while generating; an answer that ends at end of sequence adds one
+prefill pass (prefix-cached for text models, all rows for Mllama with images), which this benchmark does not time.
 
 vLLM runs are interleaved and summarised by their medians (other work may share the CPU). Every timed call gets
 prompts of its own, so no call reuses another's prefix cache.
@@ -71,8 +72,8 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
     hf_s = statistics.median(timed(lambda: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
 
     label = "tiny Llama, text" if kind == "llama" else "tiny Mllama, 1 image (4 tiles) per request, vLLM plugin"
-    mode = "recorded while generating" if engine.prefix_caching else "one prefill pass after generating"
-    print(f"{label}: {n} requests x {tokens} tokens, float32, {os.cpu_count()} CPU threads; states {mode}; "
+    mode = "prefix caching on" if engine.prefix_caching else "no prefix caching (encoder-decoder)"
+    print(f"{label}: {n} requests x {tokens} tokens, float32, {os.cpu_count()} CPU threads; {mode}; "
           f"medians of {rounds} interleaved rounds")
     for name, seconds in vllm_s.items():
         print(f"  vLLM {name:24s} {seconds * 1e3:8.1f} ms  {n / seconds:8.1f} req/s")

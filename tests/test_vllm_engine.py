@@ -12,6 +12,7 @@ for copies of one prompt (rows shared through the prefix cache); weights pushed 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,28 @@ def shared_prefix_requests():
         VLMRequest("Describe a red apple on a wooden table.")]
 
 
+EOS_ANSWER = 6  # max_new_tokens of the end-of-sequence case
+
+
+def make_eos_copy(engine, kind: str, out: Path) -> Path:
+    """A copy of a tiny model whose generation config also ends answers at a token that greedy decoding produces
+    third in one of cases()[kind]'s answers: that answer stops early, at end of sequence."""
+    import shutil
+
+    from thinkdiff.tiny import tiny_path
+    from thinkdiff.vlm import SamplingConfig
+
+    answers = [s.output_token_ids.tolist()
+               for s in engine.generate(cases()[kind], [], SamplingConfig(max_new_tokens=EOS_ANSWER))]
+    stop = next(a[2] for a in answers if len(a) == EOS_ANSWER and a[2] not in a[:2])
+    shutil.copytree(tiny_path(kind), out)
+    config = json.loads((out / "generation_config.json").read_text())
+    eos = config.get("eos_token_id")
+    config["eos_token_id"] = ([eos] if isinstance(eos, int) else list(eos or [])) + [stop]
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out
+
+
 def run_child(out: str) -> None:
     """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
     from transformers import AutoModelForCausalLM
@@ -151,6 +174,13 @@ def run_child(out: str) -> None:
     except ValueError as err:
         results["text_only_image_error"] = str(err)
     del engine
+    eos = SamplingConfig(max_new_tokens=EOS_ANSWER)  # answers that end at the copies' extra end-of-sequence token
+    for kind, requests in cases().items():
+        engine = VLLMEngine(Path(out).parent / f"eos-{kind}", max_images=3 if kind == "mllama" else None)
+        engine.progress = False
+        results[f"eos_{kind}"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                                  for s in engine.generate(requests, LAYERS, eos)]
+        del engine
     head16 = Path(out).parent / "head16"
     make_head16_llama(head16)
     try:
@@ -162,12 +192,15 @@ def run_child(out: str) -> None:
         results["qwen2_vl"] = "loaded"
     except ImportError as err:
         results["qwen2_vl"] = str(err)
+    results["eos_dirs"] = [str(Path(out).parent / f"eos-{kind}") for kind in cases()]
     torch.save(results, out)
 
 
 @pytest.fixture(scope="module")
-def vllm_results(tmp_path_factory):
+def vllm_results(tmp_path_factory, engine):
     out = tmp_path_factory.mktemp("vllm") / "results.pt"
+    for kind in cases():
+        make_eos_copy(engine(kind), kind, out.parent / f"eos-{kind}")
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=900)
@@ -234,6 +267,24 @@ def test_sampled_copies_of_a_prompt_get_the_states_of_their_own_answers(vllm_res
             assert (states[layer][:p] - input_embed[layer]).abs().max() <= TOL
             assert (states[layer][p:] - output_embed[layer]).abs().max() <= TOL
             assert output_embed[layer].shape == (len(output), eng.hidden_size)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mllama"])
+def test_answers_ending_early_get_their_last_row(vllm_results, kind):
+    """Answers that end at end of sequence never computed the row of their last token while generating: one
+    prefill pass adds it (prefix-cached for Llama; all rows again for Mllama with images), the others keep the
+    rows of the extra token's step."""
+    from thinkdiff.vlm import SamplingConfig
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+
+    got = vllm_results[f"eos_{kind}"]
+    lengths = [len(output) for _, output, _, _ in got]
+    assert min(lengths) < EOS_ANSWER and max(lengths) == EOS_ANSWER, lengths
+    copy = next(Path(p) for p in vllm_results["eos_dirs"] if p.endswith(f"eos-{kind}"))
+    reference = TransformersEngine(copy)
+    reference.progress = False
+    for request, result in zip(cases()[kind], got, strict=True):
+        close_to(reference.generate([request], LAYERS, SamplingConfig(max_new_tokens=EOS_ANSWER))[0], *result)
 
 
 def test_served_vllm_matches_transformers(vllm_results, engine):

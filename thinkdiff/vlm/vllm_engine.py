@@ -1,25 +1,25 @@
 """The vLLM `HiddenStateEngine`: generation through vLLM, layer-L states from forward hooks on the text decoder.
 
 Hooks installed through `LLM.collective_rpc` record the residual stream of the requested layers for every row the
-model computes. Two ways to get every row of prompt + generated tokens (the contract in engine.py):
+model computes while vLLM generates: prefill rows, then one row per decode step (decode-time states equal prefill
+states, 0.0 in float32). Every row of prompt + generated tokens (the contract in engine.py) is covered this way:
 
-* prefix caching on (text models, Mllama text-only; the default): the hooks record the rows while vLLM generates
-  (prefill rows, then one row per decode step; decode-time states equal prefill states, 0.0 in float32). The row
-  whose input is the last generated token is never computed while generating, so one more prefill pass over
-  prompt + generated tokens (max_tokens=1) follows; prefix caching makes it compute only the tail after the last
-  full KV block (block size 32 on CPU). Rows the cache skipped while generating (requests of one call that share a
-  prefix, e.g. GRPO's copies of a prompt) are taken from a request with the same tokens up to that row: a row
-  depends on its token prefix only. The prefix cache is reset at the start of every call that asks for states
-  (so every row of the call is computed in it) or samples with a seed, and after a weight update.
-* prefix caching off (Mllama with images: vLLM turns it off for encoder-decoder models): the hooks record only the
-  prefill pass over prompt + generated tokens, which computes every row.
+* The engine asks vLLM for one token more than `max_new_tokens` and drops it: the step that samples it computes the
+  row of the last kept token. Requests that stop earlier (end of sequence, max_model_len) never computed the row of
+  their last token; for those, one prefill pass over prompt + answer (max_tokens=1) follows. With prefix caching
+  (text models, Mllama text-only; on by default) it recomputes only the tokens after the last full KV block (block
+  size 32 on CPU); without (Mllama with images: vLLM has no prefix caching for encoder-decoder models), all of them.
+* Rows the prefix cache skipped while generating (requests of one call that share a prefix, e.g. GRPO's copies of
+  a prompt) are taken from a request with the same tokens up to that row: a row depends on its token prefix only.
+  The prefix cache is reset at the start of every call that asks for states (so every row of the call is computed
+  in it) or samples with a seed, and after a weight update.
 
-Either way the states equal one plain forward pass over prompt + generated tokens within float32 noise, as the
-transformers engine's do.
+The states equal one plain forward pass over prompt + generated tokens within float32 noise, as the transformers
+engine's do.
 
 Requirements (vLLM 0.32.x, pinned: this touches internals): `enforce_eager=True` (hooks do not fire under
-torch.compile), head size >= 32 on CPU. Mllama uses our plugin (vllm_mllama.py) for images and text. Qwen2-VL in
-vLLM needs torchvision.
+torch.compile), the synchronous scheduler (`async_scheduling=False`), head size >= 32 on CPU. Mllama uses our
+plugin (vllm_mllama.py) for images and text. Qwen2-VL in vLLM needs torchvision.
 
 vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `LLM.reset_prefix_cache()`,
 `LLM.llm_engine.vllm_config.cache_config.enable_prefix_caching`, `worker.model_runner.get_model()`,
@@ -98,7 +98,9 @@ class VLLMEngine(HiddenStateEngine):
             self.max_images = DEFAULT_MAX_IMAGES if max_images is None else max_images
         # Mllama with images runs as an encoder-decoder model, for which vLLM has no prefix caching.
         encoder_decoder = self.family == "mllama" and bool(self.max_images)
-        kwargs = dict(enforce_eager=True, enable_prefix_caching=not encoder_decoder,
+        # The hooks read each step's batch layout from the model runner: run the synchronous scheduler (the only
+        # one verified, and vLLM's choice on CPU) rather than the async one vLLM picks on GPUs.
+        kwargs = dict(enforce_eager=True, enable_prefix_caching=not encoder_decoder, async_scheduling=False,
                       dtype=str(dtype).replace("torch.", ""), max_model_len=max_model_len, seed=seed)
         if batch_size is not None:
             kwargs["max_num_seqs"] = batch_size
@@ -133,8 +135,11 @@ class VLLMEngine(HiddenStateEngine):
         self.check_requests(requests)
         prompts = [self.prompt_ids(r) for r in requests]
         seeded = sampling.do_sample and sampling.seed is not None
+        n = sampling.max_new_tokens
+        # With layers, one token more than asked (dropped below): the step that samples it computes the row of the
+        # last kept token, so a request that runs to max_new_tokens needs no extra pass.
         # detokenize=False: the answers are decoded below, with the tokenizer.
-        params = [SamplingParams(max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+        params = [SamplingParams(max_tokens=n + 1 if layers else n, min_tokens=sampling.min_new_tokens,
                                  temperature=sampling.temperature if sampling.do_sample else 0.0,
                                  top_p=sampling.top_p if sampling.do_sample else 1.0,
                                  seed=sampling.seed + i if seeded and self.per_request_seeds else None,
@@ -144,30 +149,30 @@ class VLLMEngine(HiddenStateEngine):
             self.llm.collective_rpc(_seed_worker, args=(sampling.seed,))
         if layers or seeded:  # every row is computed in this call (the hooks see it); a seed gives the same answers
             self._reset_prefix_cache()
-        hooked = False
-        if layers and self.prefix_caching:
+        if layers:
             self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
-            hooked = True
+        tails = []
         try:
             outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
                                         use_tqdm=self.progress and len(requests) > 1)
-            answers = [torch.tensor(list(o.outputs[0].token_ids), dtype=torch.long) for o in outputs]
+            generated = [list(o.outputs[0].token_ids) for o in outputs]
+            answers = [torch.tensor(g[:n], dtype=torch.long) for g in generated]
             if layers:
                 sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
-                if not hooked:
-                    self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
-                    hooked = True
-                # Prefill over prompt + answer: the row whose input is the last generated token (and, without
-                # prefix caching, every row).
-                tail = self.llm.generate([self._vllm_prompt(s, r) for s, r in zip(sequences, requests)],
-                                         SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
-                                         use_tqdm=False)
+                # Requests that stopped early (end of sequence, max_model_len) never computed the row of their
+                # last token: one prefill over prompt + answer (max_tokens=1) adds it. With prefix caching only
+                # the tail after the last full KV block is recomputed; without (Mllama with images), every row.
+                ended = [i for i, g in enumerate(generated) if len(g) <= n]
+                if ended:
+                    tails = self.llm.generate([self._vllm_prompt(sequences[i], requests[i]) for i in ended],
+                                              SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+                                              use_tqdm=False)
         finally:
-            if hooked:
+            if layers:
                 capture = self.llm.collective_rpc(_collect_hooks, args=(os.getpid(),))[0]
                 capture = pickle.loads(capture) if isinstance(capture, bytes) else capture
-        states = (_assemble(capture, sequences, [outputs, tail], layers, self.hidden_size) if layers
-                  else [{} for _ in requests])
+        states = (_assemble(capture, sequences, {**_ids(outputs, range(len(requests))), **_ids(tails, ended)},
+                            layers, self.hidden_size) if layers else [{} for _ in requests])
         results = []
         for prompt, answer, state in zip(prompts, answers, states):
             p = len(prompt)
@@ -217,16 +222,19 @@ class VLLMEngine(HiddenStateEngine):
         return prompt
 
 
-def _assemble(capture, sequences: list[list[int]], output_lists, layers: list[int],
+def _ids(outputs, requests) -> dict[str, int]:
+    """vLLM's request id -> our request index, for `outputs` of `requests` (indices, in order)."""
+    return {o.request_id: i for o, i in zip(outputs, requests, strict=True)}
+
+
+def _assemble(capture, sequences: list[list[int]], index: dict[str, int], layers: list[int],
               hidden_size: int) -> list[dict[int, torch.Tensor]]:
-    """Per request, layer -> [len(sequence), H]: the captured rows put at their token positions; rows no step of
-    this request computed (prefix-cache hits) come from a request whose tokens agree up to and including them."""
+    """Per request, layer -> [len(sequence), H]: the captured rows put at their token positions (`index` maps
+    vLLM's request ids to requests); rows no step of this request computed (prefix-cache hits) come from a request
+    whose tokens agree up to and including them."""
     if capture["missing"]:
         raise RuntimeError(f"vLLM ran a step in which layers {capture['missing']} were not captured; please report "
                            "this.")
-    index = {}  # external request id -> request
-    for outputs in output_lists:
-        index.update((o.request_id, i) for i, o in enumerate(outputs))
     lengths = np.array([len(s) for s in sequences])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     total = int(offsets[-1])
