@@ -62,31 +62,41 @@ def test_objective_overfits(toy, cache, tmp_path, objective):
     assert np.mean(curve[-5:]) <= 0.5 * curve[0], curve
 
 
-@pytest.mark.parametrize("family, bound", [("sd15", 0.75), ("flux", 0.98)])
-def test_diffusion_objective_learns(toy, cache, tiny, family, bound):
+def descend(objective, batch, params, model, steps: int, lr: float) -> list[float]:
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    curve = []
+    for _ in range(steps):
+        loss = objective.loss(model, batch, seed=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+    return curve
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_diffusion_objective_learns(toy, cache, tiny, family):
     """The diffusion loss through a frozen backbone falls when the aligner trains on a fixed noise draw. A frozen
-    *random* backbone cannot denoise, so its loss has a floor near E|target|^2: the bounds are what tiny models
-    reach (SD1.5 1.13 -> 0.72 in 150 steps), not what real backbones reach."""
+    *random* backbone cannot denoise: even a free conditioning tensor optimised directly (the oracle) only brings the
+    loss to ~0.51x (SD1.5) / ~0.94x (FLUX) of its start, so "falls by half" is out of reach on tiny models. The
+    aligner, which sees only the VLM states, must close >= 70% of the gap to the oracle (measured ~85%)."""
     from thinkdiff.aligner import Aligner, AlignerConfig
     from thinkdiff.decoders import decoder_class
     from thinkdiff.train.feature_cache import FeatureCache
-    from thinkdiff.train.objectives import DiffusionObjective
+    from thinkdiff.train.objectives import DiffusionObjective, pad_states
 
     batch = FeatureCache(cache, -1, "output").get(list(range(8)))
     decoder = decoder_class(family).from_pretrained(tiny(family))
     objective = DiffusionObjective(decoder, ImageCaptionDataset(toy, ["x"]), image_size=32)
     torch.manual_seed(0)
     aligner = Aligner(AlignerConfig(input_dim=128, output_dim=decoder.conditioning_dim))
-    optimizer = torch.optim.AdamW(aligner.parameters(), lr=3e-2)
-    curve = []
-    for _ in range(150):
-        loss = objective.loss(aligner, batch, seed=0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        curve.append(loss.item())
-        assert all(p.grad is None for p in decoder.pipe.components["vae"].parameters())
-    assert np.mean(curve[-5:]) <= bound * curve[0], curve
+    curve = descend(objective, batch, aligner.parameters(), aligner, steps=300, lr=3e-2)
+    assert all(p.grad is None for p in decoder.pipe.components["vae"].parameters())
+    states, _ = pad_states([s.embed for s in batch], "cpu")
+    free = torch.nn.Parameter(torch.randn(*states.shape[:2], decoder.conditioning_dim))
+    oracle = min(descend(objective, batch, [free], lambda _: free, steps=200, lr=1e-1))
+    closed = (curve[0] - np.mean(curve[-5:])) / (curve[0] - oracle)
+    assert closed >= 0.7, (curve[0], np.mean(curve[-5:]), oracle)
 
 
 def test_diffusion_objective_in_the_loop(toy, cache, tmp_path):
