@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from thinkdiff.user_errors import exit_status
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PROMPT = "Create an image of a red apple on a wooden table in soft morning light."
 
@@ -71,8 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))

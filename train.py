@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
+
+from thinkdiff.user_errors import exit_status
 
 
 def main(argv=None) -> int:
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from thinkdiff.config import AlignTrainConfig, GRPOTrainConfig, apply_overrides, from_dict
 
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"Config file {args.config} not found.")
     with open(args.config) as f:
         data = apply_overrides(yaml.safe_load(f) or {}, args.overrides)
     stage = data.get("stage", "align")
@@ -44,8 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))

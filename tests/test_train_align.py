@@ -269,3 +269,16 @@ def test_bf16_accumulation_clipping_and_logs(toy, cache, tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000002.png", "step-000003.png"]
     with pytest.raises(ValueError, match="must split evenly"):
         train_aligner(config(toy, tmp_path / "x", "train.batch_size=3", "train.gradient_accumulation_steps=2"))
+
+
+def test_train_script_reports_bad_input(tmp_path):
+    """`train.py` turns a user's mistake into one `error:` line and exit status 2, with nothing written."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env, cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=300)
+    missing = run("--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.yaml not found.")
+    bad = run("--config", str(ROOT / "configs" / "align_tiny.yaml"), f"train.output_dir={tmp_path / 'out'}",
+              "train.colour=red")
+    assert bad.returncode == 2 and "error: " in bad.stderr and "colour" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from .user_errors import exit_status
+
 
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
@@ -174,11 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

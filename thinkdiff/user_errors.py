@@ -1,0 +1,21 @@
+"""How the command-line entry points report a user's mistake: one line on stderr and exit status 2, no traceback.
+
+Missing files and folders (MissingWeightsError included) and bad values are the user's to fix; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+USER_ERRORS = (FileNotFoundError, ValueError)
+
+
+def exit_status(run: Callable[[], int]) -> int:
+    """`run()`'s exit status, or 2 after printing `error: <message>` when it raises a user error."""
+    try:
+        return run()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
