@@ -93,6 +93,19 @@ def shared_prefix_requests():
 
 
 EOS_ANSWER = 6  # max_new_tokens of the end-of-sequence case
+SHARED_ANSWER = 8  # max_new_tokens of the shared-prefix case, which also fills the Llama engine's max_model_len
+
+
+def prompt_lengths(kind, requests) -> list[int]:
+    from types import SimpleNamespace
+
+    from thinkdiff.tiny import tiny_path
+    from thinkdiff.vlm.transformers_engine import _load_processor
+    from thinkdiff.vlm.vllm_engine import VLLMEngine
+
+    processor = _load_processor(tiny_path(kind), "mllama" if kind == "mllama" else "text")
+    tokenizer = SimpleNamespace(processor=processor, tokenizer=getattr(processor, "tokenizer", processor))
+    return [len(VLLMEngine.prompt_ids(tokenizer, r)) for r in requests]
 
 
 def make_eos_copy(engine, kind: str, out: Path) -> Path:
@@ -127,14 +140,15 @@ def run_child(out: str) -> None:
     for kind, requests in cases().items():
         if kind == "mllama":
             engine = VLLMEngine(tiny_path(kind), max_images=3)
-        else:  # chunked prefill: prompts are split over steps
-            engine = VLLMEngine(tiny_path(kind), batch_size=8, max_num_batched_tokens=64)
+        else:  # chunked prefill: prompts are split over steps; shared_prefix_requests' copies fill max_model_len
+            engine = VLLMEngine(tiny_path(kind), batch_size=8, max_num_batched_tokens=64,
+                                max_model_len=max(prompt_lengths(kind, shared_prefix_requests())) + SHARED_ANSWER)
         engine.progress = False
         results[f"{kind}_prefix_caching"] = engine.prefix_caching
         results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                          for s in engine.generate(requests, LAYERS, greedy)]
         if kind == "llama":
-            sampled = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.5)
+            sampled = SamplingConfig(max_new_tokens=SHARED_ANSWER, do_sample=True, temperature=1.5)
             runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
                     for s in (3, 3, 4)]
             results["sampled"] = [[o.output_token_ids for o in run] for run in runs]
@@ -257,6 +271,8 @@ def test_sampled_copies_of_a_prompt_get_the_states_of_their_own_answers(vllm_res
     states of one forward pass over its prompt + its own sampled answer."""
     shared = vllm_results["shared"]
     assert len({tuple(output.tolist()) for _, output, _, _ in shared[:3]}) == 3  # three different answers
+    # The copies filled max_model_len (prompt + SHARED_ANSWER): each keeps one token fewer, so vLLM computed its rows.
+    assert [len(output) for _, output, _, _ in shared[:3]] == [SHARED_ANSWER - 1] * 3
     eng = engine("llama")
     for request, (prompt, output, input_embed, output_embed) in zip(shared_prefix_requests(), shared, strict=True):
         assert torch.equal(prompt, torch.tensor(eng.tokenizer(eng.chat_text(request), add_special_tokens=False)

@@ -5,10 +5,11 @@ model computes while vLLM generates: prefill rows, then one row per decode step 
 states, 0.0 in float32). Every row of prompt + generated tokens (the contract in engine.py) is covered this way:
 
 * The engine asks vLLM for one token more than `max_new_tokens` and drops it: the step that samples it computes the
-  row of the last kept token. Requests that stop earlier (end of sequence, max_model_len) never computed the row of
-  their last token; for those, one prefill pass over prompt + answer (max_tokens=1) follows. With prefix caching
-  (text models, Mllama text-only; on by default) it recomputes only the tokens after the last full KV block (block
-  size 32 on CPU); without (Mllama with images: vLLM has no prefix caching for encoder-decoder models), all of them.
+  row of the last kept token. An answer that fills max_model_len likewise keeps one token fewer than vLLM made.
+  Answers that end at end of sequence never computed the row of their last token; for those, one prefill pass over
+  prompt + answer (max_tokens=1) follows. With prefix caching (text models, Mllama text-only; on by default) it
+  recomputes only the tokens after the last full KV block (block size 32 on CPU); without (Mllama with images: vLLM
+  has no prefix caching for encoder-decoder models), all of them.
 * Rows the prefix cache skipped while generating (requests of one call that share a prefix, e.g. GRPO's copies of
   a prompt) are taken from a request with the same tokens up to that row: a row depends on its token prefix only.
   The prefix cache is reset at the start of every call that asks for states (so every row of the call is computed
@@ -123,6 +124,7 @@ class VLLMEngine(HiddenStateEngine):
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(model=self.model_path, **kwargs)
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+        self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -156,13 +158,17 @@ class VLLMEngine(HiddenStateEngine):
             outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
                                         use_tqdm=self.progress and len(requests) > 1)
             generated = [list(o.outputs[0].token_ids) for o in outputs]
-            answers = [torch.tensor(g[:n], dtype=torch.long) for g in generated]
+            kept = [min(n, len(g)) for g in generated]
+            if layers:  # an answer that filled max_model_len keeps one token fewer: no pass can add its last row
+                kept = [k - 1 if len(p) + len(g) >= self.max_model_len and k == len(g) else k
+                        for p, g, k in zip(prompts, generated, kept)]
+            answers = [torch.tensor(g[:k], dtype=torch.long) for g, k in zip(generated, kept)]
             if layers:
                 sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
-                # Requests that stopped early (end of sequence, max_model_len) never computed the row of their
-                # last token: one prefill over prompt + answer (max_tokens=1) adds it. With prefix caching only
-                # the tail after the last full KV block is recomputed; without (Mllama with images), every row.
-                ended = [i for i, g in enumerate(generated) if len(g) <= n]
+                # Answers that ended at end of sequence never computed the row of their last token: one prefill
+                # over prompt + answer (max_tokens=1) adds it. With prefix caching only the tail after the last
+                # full KV block is recomputed; without (Mllama with images), every row.
+                ended = [i for i, (g, k) in enumerate(zip(generated, kept)) if k == len(g)]
                 if ended:
                     tails = self.llm.generate([self._vllm_prompt(sequences[i], requests[i]) for i in ended],
                                               SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
