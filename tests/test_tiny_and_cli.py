@@ -37,6 +37,23 @@ def test_make_tiny_is_deterministic(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_folder_built_meanwhile_by_another_process_wins(tmp_path):
+    """Processes that build the same tiny model at once (accelerate launch): the first copy stays, readers never
+    see it removed; an explicit rebuild replaces it."""
+    from thinkdiff.atomic import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target, replace=False) as mine:
+        (mine / "who").write_text("second")
+        with atomic_dir(target, replace=False) as other:  # finishes first
+            (other / "who").write_text("first")
+    assert (target / "who").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left
+    with atomic_dir(target) as rebuilt:
+        (rebuilt / "who").write_text("rebuilt")
+    assert (target / "who").read_text() == "rebuilt"
+
+
 def test_extract_writes_states(tmp_path, capsys, image, engine):
     image.save(tmp_path / "in.png")
     out = tmp_path / "f.safetensors"

@@ -40,16 +40,22 @@ def save_json(obj, path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed."""
+def atomic_dir(path: str | os.PathLike, replace: bool = True):
+    """Yield a temp folder beside `path`; on success it becomes `path`, on error it is removed. With
+    `replace=False` an existing `path` wins (e.g. built meanwhile by another process) and the temp folder goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
+        if path.exists() and replace:
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if replace or not path.exists():
+                raise
+            shutil.rmtree(tmp)  # another writer got there first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ Attention heads are 32 wide so the same checkpoints also run in vLLM's CPU backe
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -79,16 +80,29 @@ def tiny_path(kind: str) -> Path:
     """Path of the cached tiny model of `kind`, built on first use (atomically, so concurrent users are safe)."""
     _check_kind(kind)
     path = default_cache_dir() / "tiny" / f"{kind}-v{TINY_VERSION}"
-    if not (path / ".complete").exists():
-        make_tiny(path, kind)
+    if (path / ".complete").exists():
+        return path
+    if _distributed_rank() > 0:  # in a process group transformers saves on rank 0 only: wait for its copy
+        deadline = time.monotonic() + 600
+        while not (path / ".complete").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Waited 10 min for rank 0 to build the tiny {kind} model in {path}.")
+            time.sleep(0.2)
+        return path
+    make_tiny(path, kind, replace=False)  # separate processes that build it at once: the first copy stays
     return path
 
 
-def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> Path:
-    """Build a tiny random model of `kind` and save it to `out_dir` (written to a temp dir, then renamed)."""
+def _distributed_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: bool = True) -> Path:
+    """Build a tiny random model of `kind` and save it to `out_dir` (written to a temp dir, then renamed; an
+    existing `out_dir` is replaced unless `replace=False`)."""
     _check_kind(kind)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         torch.manual_seed(seed)
         _BUILDERS[kind](tmp)
         (tmp / ".complete").write_text(f"thinkdiff tiny {kind} v{TINY_VERSION} seed {seed}\n")
