@@ -137,6 +137,7 @@ def test_two_processes_match_one(toy, cache, tmp_path):
                           str(ROOT / "train.py"), *args, f"train.output_dir={tmp_path / 'two'}"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 process(es), MULTI_CPU" in two.stderr  # one gloo group, not two lone runs
     assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-4, atol=1e-5)
     a = load_file(tmp_path / "one" / "aligner" / "model.safetensors")
     b = load_file(tmp_path / "two" / "aligner" / "model.safetensors")

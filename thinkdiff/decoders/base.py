@@ -153,35 +153,37 @@ class Decoder:
         return self
 
     def training_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
-        """The family's diffusion loss (a scalar) for aligner tokens [B, L, D] (+ mask [B, L]) and the target
-        images `pixels` [B, 3, H, W] in [-1, 1], following diffusers' training examples. `generator` (CPU) draws
-        the latents, noise and timesteps, so a step is reproducible."""
+                      generators: list[torch.Generator]) -> torch.Tensor:
+        """The family's diffusion loss (a scalar, the mean over samples) for aligner tokens [B, L, D] (+ mask
+        [B, L]) and the target images `pixels` [B, 3, H, W] in [-1, 1], following diffusers' training examples.
+        `generators` (CPU, one per sample) draw each sample's latents, noise and timestep, so a sample's loss does
+        not depend on the rest of its batch (nor on how a batch is split over processes)."""
         cond = self.make_conditioning(tokens, mask)
         self.check_conditioning(cond, 1.0)
-        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generator)
-        return self.flow_matching_loss(cond, x0, generator)
+        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generators)
+        return self.flow_matching_loss(cond, x0, generators)
 
-    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_latents(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """VAE latents as the backbone sees them (shifted and scaled)."""
         vae = self.pipe.vae
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generators)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def flow_matching_loss(self, cond, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def flow_matching_loss(self, cond, x0: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Rectified flow: x_t = (1 - s) x0 + s noise, the backbone predicts noise - x0 (diffusers' SD3/FLUX
         examples, uniform timestep density, no loss weighting)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.training_utils import compute_density_for_timestep_sampling
+        from diffusers.utils.torch_utils import randn_tensor
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         batch = x0.shape[0]
-        u = compute_density_for_timestep_sampling("none", batch, generator=generator)
+        u = torch.cat([compute_density_for_timestep_sampling("none", 1, generator=g) for g in generators])
         index = (u * scheduler.config.num_train_timesteps).long()
         timesteps = scheduler.timesteps[index].to(x0.device)
         sigmas = scheduler.sigmas[index].to(x0.device, x0.dtype).view(batch, *[1] * (x0.dim() - 1))
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noise = randn_tensor(x0.shape, generator=generators, dtype=x0.dtype).to(x0.device)
         pred = self.predict_flow(cond, (1 - sigmas) * x0 + sigmas * noise, timesteps)
         return F.mse_loss(pred.float(), (noise - x0).float())
 

@@ -20,9 +20,9 @@ class QwenImageDecoder(Decoder):
     def conditioning_dim(self) -> int:
         return self.pipe.transformer.config.joint_attention_dim
 
-    def encode_latents(self, pixels, generator):
+    def encode_latents(self, pixels, generators):
         vae = self.pipe.vae  # a video VAE: one frame, latents normalised per channel
-        latents = vae.encode(pixels.unsqueeze(2)).latent_dist.sample(generator=generator)
+        latents = vae.encode(pixels.unsqueeze(2)).latent_dist.sample(generator=generators)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
         std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(shape)

@@ -19,7 +19,7 @@ class SanaDecoder(Decoder):
     def conditioning_dim(self) -> int:
         return self.pipe.transformer.config.caption_channels
 
-    def encode_latents(self, pixels, generator):
+    def encode_latents(self, pixels, generators):
         vae = self.pipe.vae  # a deterministic DC-AE: no latent distribution
         return vae.encode(pixels).latent * vae.config.scaling_factor
 

@@ -20,17 +20,18 @@ class SD15Decoder(Decoder):
     def conditioning_dim(self) -> int:
         return self.pipe.unet.config.cross_attention_dim
 
-    def training_loss(self, tokens, mask, pixels, generator):
+    def training_loss(self, tokens, mask, pixels, generators):
         """Noise prediction (epsilon or v), as diffusers' examples/text_to_image/train_text_to_image.py."""
         from diffusers import DDPMScheduler
+        from diffusers.utils.torch_utils import randn_tensor
 
         cond = self.make_conditioning(tokens, mask)
         self.check_conditioning(cond, 1.0)
         scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],),
-                                  generator=generator).to(x0.device)
+        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generators)
+        noise = randn_tensor(x0.shape, generator=generators, dtype=x0.dtype).to(x0.device)
+        timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
+                               for g in generators]).to(x0.device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(x0, noise, timesteps)

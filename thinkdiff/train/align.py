@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..aligner import Aligner, AlignerConfig
 from ..config import AlignTrainConfig, DecoderConfig, OptimConfig, torch_dtype
 from ..weights import resolve_model
+from .accelerator import make_accelerator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ImageCaptionDataset
 from .feature_cache import FeatureCache, LiveFeatures
@@ -109,14 +110,14 @@ def param_groups(aligner: Aligner, weight_decay: float):
 
 def train_aligner(cfg: AlignTrainConfig) -> Path:
     """Train and return the folder of the final aligner (`OUTPUT_DIR/aligner`)."""
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     loop = cfg.train
     out = Path(loop.output_dir)
-    accelerator = Accelerator(mixed_precision=loop.mixed_precision,
-                              gradient_accumulation_steps=loop.gradient_accumulation_steps, log_with="tensorboard",
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    accelerator = make_accelerator(mixed_precision=loop.mixed_precision,
+                                   gradient_accumulation_steps=loop.gradient_accumulation_steps,
+                                   log_with="tensorboard", project_config=ProjectConfiguration(
+                                       project_dir=str(out), logging_dir=str(out / "logs")))
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = loop.batch_size // (world * loop.gradient_accumulation_steps)
     if micro * world * loop.gradient_accumulation_steps != loop.batch_size or micro < 1:

@@ -10,8 +10,9 @@
 - `regression`: the aligned tokens regress the decoder's text encoder (T5) outputs on the VLM's answer text. The two
   sequences have different tokenisations, so the target [T, D] is linearly resampled to the aligner's G positions.
 
-Each objective takes a batch of `FeatureSample`s and an integer seed; all randomness comes from generators seeded
-with it (per sample where the objective allows, so results do not depend on how a batch is split over processes).
+Each objective takes a batch of `FeatureSample`s and an integer seed; all randomness comes from one generator per
+sample seeded with it and the sample's index, and every loss is a mean over samples (each sample's own mean over its
+tokens or pixels), so results do not depend on how a batch is split over processes or micro-batches.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ class T5DecoderObjective:
         for i, ids in enumerate(labels):
             target[i, :len(ids)] = torch.tensor(ids)
         aligned = aligner(states)
-        out = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=aligned.to(self.t5.dtype)),
-                      attention_mask=mask, labels=target)
-        return out.loss
+        logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=aligned.to(self.t5.dtype)),
+                         attention_mask=mask, labels=target).logits  # [B, T, V]
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # 0 where -100
+        return (per_token.sum(1) / (target != -100).sum(1)).mean()  # each sample weighs the same
 
 
 class DiffusionObjective:
@@ -97,8 +99,8 @@ class DiffusionObjective:
         kept = [(s, im) for s, im in zip(batch, images) if im is not None]
         states, mask = pad_states([s.embed for s, _ in kept], self.decoder.device)
         pixels = torch.stack([image_to_pixels(im.image, self.image_size) for _, im in kept])
-        generator = sample_generator(seed, min(s.index for s, _ in kept))
-        return self.decoder.training_loss(aligner(states), mask, pixels, generator)
+        generators = [sample_generator(seed, s.index) for s, _ in kept]
+        return self.decoder.training_loss(aligner(states), mask, pixels, generators)
 
 
 class RegressionObjective:
@@ -127,4 +129,4 @@ class RegressionObjective:
         for i, s in enumerate(batch):
             targets[i, :len(s.embed)] = self.target(s.text or " ", len(s.embed))
         err = (aligner(states).float() - targets).pow(2).mean(-1)  # [B, T]
-        return (err * mask).sum() / mask.sum()
+        return ((err * mask).sum(1) / mask.sum(1)).mean()  # each sample weighs the same
