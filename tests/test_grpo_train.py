@@ -97,3 +97,75 @@ def test_grpo_with_vllm_rollouts(tmp_path, lora):
     assert result.returncode == 0, result.stderr[-3000:]
     log = rows(tmp_path / "out")
     assert len(log) == 3 and log[-1]["kl"] > 0
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "token", "dr_grpo"])
+def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregation):
+    """Each process back-propagates its groups scaled by the whole batch's totals; the summed gradients must equal
+    the gradient of policy_loss over the whole padded batch [B, T] at once."""
+    from thinkdiff.config import GRPOLossConfig
+    from thinkdiff.grpo.loss import policy_loss
+    from thinkdiff.grpo.policy import Policy
+    from thinkdiff.grpo.trainer import update_policy
+    from thinkdiff.tiny import tiny_path
+    from thinkdiff.vlm import VLMRequest
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+
+    torch.manual_seed(0)
+    policy = Policy(TransformersEngine(tiny_path("qwen2-vl")), keep_reference=True)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
+        for p in policy.reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    problems = load_problems(task)[:2]
+    requests = [VLMRequest(p.prompt, p.images) for p in problems for _ in range(3)]
+    completions = [torch.randint(0, 400, (n,)) for n in (3, 5, 2, 4, 6, 1)]
+    advantages = torch.randn(6)
+    loss_cfg = GRPOLossConfig(beta=0.05, aggregation=aggregation)
+    params = policy.trainable_parameters()
+
+    # Reference: the batch loss in one call, then its gradient.
+    longest, total = max(map(len, completions)), sum(map(len, completions))
+    pad = lambda rows: torch.stack([torch.cat([r, r.new_zeros(longest - len(r))]) for r in rows])
+    logp = pad([policy.logprobs(q, c) for q, c in zip(requests, completions)])
+    with torch.no_grad():
+        ref = pad([policy.logprobs(q, c, reference=True) for q, c in zip(requests, completions)])
+    mask = pad([torch.ones(len(c)) for c in completions])
+    loss, _ = policy_loss(logp, logp.detach(), ref, advantages, mask, beta=0.05, aggregation=aggregation,
+                          max_completion_length=longest)
+    expected = torch.autograd.grad(loss, params)
+
+    # Two "processes": groups 0 and 1, each scaled by the batch totals; gradients captured where they are summed.
+    shares = []
+    for g in (slice(0, 3), slice(3, 6)):
+        update_policy(policy, torch.optim.SGD(params, lr=0.0), requests[g], completions[g], advantages[g], 1.0,
+                      loss_cfg, None, total_tokens=total, total_completions=6, longest=longest,
+                      sum_across_processes=lambda ps: shares.append([p.grad.clone() for p in ps]))
+    for want, a, b in zip(expected, *shares):
+        torch.testing.assert_close(a + b, want, atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_on_two_processes(task, tmp_path):
+    """`accelerate launch --num_processes 2`: each process rolls out one group, gradients are summed; the log holds
+    both processes' rewards. problems_per_step that does not split into whole groups is refused."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(out, *overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+             "--config", str(ROOT / "configs" / "grpo_tiny.yaml"), f"problems={task}", f"train.output_dir={out}",
+             "train.max_steps=2", "train.checkpoint_every=0", *overrides],
+            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+            timeout=600)
+
+    run = launch(tmp_path / "two", "train.problems_per_step=2", "train.group_size=4")
+    assert run.returncode == 0, [l for l in run.stderr.splitlines() if "error" in l.lower()][:5]
+    assert "2 process(es), MULTI_CPU" in run.stderr  # one gloo group, not two lone runs
+    log = rows(tmp_path / "two")
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["reward"] in {i / 8 for i in range(9)} for r in log)  # means over 2 groups x 4 answers
+    assert (tmp_path / "two" / "policy" / "model.safetensors").exists()
+    odd = launch(tmp_path / "odd", "train.problems_per_step=3")
+    assert odd.returncode != 0 and "multiple of the number of processes (2)" in odd.stderr

@@ -234,7 +234,6 @@ class GRPOLoopConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     checkpoint_every: int = 50
-    log_every: int = 1
 
 
 @dataclass

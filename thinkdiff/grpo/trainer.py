@@ -12,7 +12,13 @@ Why not TRL's GRPOTrainer: TRL 1.16 forwards no Mllama inputs (`aspect_ratio_ids
 transformers `ProcessorMixin`, which Qwen2-VL only gets with torchvision (absent on CPU installs here); it supports
 vLLM up to 0.31 while we pin 0.32; and a reward function sees only a process's slice of a group, so group-level
 uniqueness weights need an override of a private method. Our loop reuses the engine's own inputs for every VLM it
-runs. One process for now (several processes raise a clear error).
+runs.
+
+Several processes (`accelerate launch --num_processes N train.py ...`): each process takes whole groups (problems
+`problems_per_step / N` apart in the step's batch), rolls them out on its own device with transformers, scores them,
+and back-propagates its share of the global loss; gradients are then summed across processes, so every process takes
+the same optimizer step as one process holding the whole batch would (no DDP: the number of backward passes differs
+between processes). vLLM rollouts run in one process.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
+from ..train.accelerator import make_accelerator
 from ..train.align import batch_indices
 from ..vlm import SamplingConfig, VLMRequest
 from ..vlm.transformers_engine import TransformersEngine
@@ -79,18 +87,23 @@ def save_policy(policy: Policy, directory: Path) -> None:
 
 def train_grpo(cfg: GRPOTrainConfig) -> Path:
     """Train and return the folder of the final policy (`OUTPUT_DIR/policy`)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("The GRPO stage runs in one process for now; launch it without --num_processes.")
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
     loop, loss_cfg = cfg.train, cfg.loss
+    if world > 1 and cfg.rollout_backend == "vllm":
+        raise ValueError("rollout_backend=vllm runs in one process; launch several processes with "
+                         "rollout_backend=transformers, or one process with vllm.")
+    if loop.problems_per_step % world:
+        raise ValueError(f"train.problems_per_step={loop.problems_per_step} must be a multiple of the number of "
+                         f"processes ({world}): every process takes whole groups.")
     out = Path(loop.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(loop.seed)
     problems = load_problems(cfg.problems, cfg.limit)
 
+    device = str(accelerator.device) if world > 1 else cfg.policy.device  # one device per process
     engine = TransformersEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype),
-                                device=cfg.policy.device, max_images=cfg.policy.max_images)
+                                device=device, max_images=cfg.policy.max_images)
     engine.progress = False
     policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0)
     rollout_engine = engine
@@ -101,19 +114,21 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     clusterer = build_clusterer(cfg.reward)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     temperature = cfg.policy.temperature
+    share = loop.problems_per_step // world  # problems per process and step
 
     log_path = out / "log.jsonl"
-    bar = tqdm(range(loop.max_steps), desc="grpo")
+    bar = tqdm(range(loop.max_steps), desc="grpo", disable=not accelerator.is_main_process)
     for step in bar:
         start = time.perf_counter()
         batch = [problems[i] for i in batch_indices(step, len(problems), loop.problems_per_step, loop.seed)]
+        batch = batch[rank * share:(rank + 1) * share]
 
         # 1. Rollouts: K samples per problem.
         policy.model.eval()
         requests = [VLMRequest(p.prompt, p.images) for p in batch for _ in range(loop.group_size)]
         sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens, min_new_tokens=cfg.policy.min_new_tokens,
                                   do_sample=True, temperature=temperature, top_p=cfg.policy.top_p,
-                                  seed=loop.seed * 100_003 + step)
+                                  seed=loop.seed * 100_003 + step + 1_000_003 * rank)
         with torch.no_grad():
             outputs = rollout_engine.generate(requests, [], sampling)
         rollout_seconds = time.perf_counter() - start
@@ -129,47 +144,81 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                 distinct.append(len({lab for lab, ok in zip(labels, r) if ok > 0}))
         advantages = torch.cat(advantages).float()
 
-        # 3. Policy update: old and reference log-probs, then the clipped loss, one sequence at a time.
+        # 3. Policy update on this process's groups, scaled as a share of the whole step's batch.
         completions = [o.output_token_ids for o in outputs]
-        with torch.no_grad():
-            old = [policy.logprobs(q, c, temperature) for q, c in zip(requests, completions)]
-            ref = [policy.logprobs(q, c, temperature, reference=True) if loss_cfg.beta else None
-                   for q, c in zip(requests, completions)]
-        policy.model.train()
-        total_tokens = sum(len(c) for c in completions)
-        longest = max(len(c) for c in completions)
-        for _ in range(loss_cfg.num_iterations):
-            optimizer.zero_grad()
-            step_loss, kl = 0.0, 0.0
-            for i, (q, c) in enumerate(zip(requests, completions)):
-                logp = policy.logprobs(q, c, temperature)
-                loss, stats = policy_loss(logp[None], old[i][None], None if ref[i] is None else ref[i][None],
-                                          advantages[i:i + 1], torch.ones(1, len(c)), beta=loss_cfg.beta,
-                                          eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
-                                          aggregation=loss_cfg.aggregation, max_completion_length=longest)
-                # Scale each sequence so the sum is the batch loss of the chosen aggregation.
-                share = len(c) / total_tokens if loss_cfg.aggregation == "token" else 1 / len(completions)
-                (loss * share).backward()
-                step_loss += loss.item() * share
-                kl += stats["kl"] * len(c) / total_tokens
-            if loop.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), loop.max_grad_norm)
-            optimizer.step()
+        lengths = torch.tensor([sum(len(c) for c in completions), max(len(c) for c in completions)])
+        totals = accelerator.gather(lengths.to(accelerator.device)).view(-1, 2).cpu()
+        step_loss, kl = update_policy(policy, optimizer, requests, completions, advantages, temperature, loss_cfg,
+                                      loop.max_grad_norm, total_tokens=int(totals[:, 0].sum()),
+                                      total_completions=len(completions) * world, longest=int(totals[:, 1].max()),
+                                      sum_across_processes=_all_reduce_sum if world > 1 else None)
         if rollout_engine is not engine:
             rollout_engine.update_weights(policy.model)
 
-        row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": step_loss, "kl": kl,
+        local = (rewards, distinct, step_loss, kl)
+        stats = gather_object([local]) if world > 1 else [local]
+        rewards = [r for s in stats for r in s[0]]
+        distinct = [d for s in stats for d in s[1]]
+        row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": sum(s[2] for s in stats),
+               "kl": sum(s[3] for s in stats),
                "clusters_among_correct": sum(distinct) / len(distinct) if distinct else None,
                "rollout_s": rollout_seconds, "step_s": time.perf_counter() - start}
         if isinstance(clusterer, LLMJudgeClusterer):
             row.update(judge_calls=clusterer.calls, judge_failures=clusterer.failures)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{step_loss:.4f}")
-        if loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0:
-            save_policy(policy, out / "checkpoints" / f"step-{step + 1:06d}")
-    save_policy(policy, out / "policy")
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
+            if loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0:
+                save_policy(policy, out / "checkpoints" / f"step-{step + 1:06d}")
+    if accelerator.is_main_process:
+        save_policy(policy, out / "policy")
+    accelerator.wait_for_everyone()
     return out / "policy"
+
+
+def update_policy(policy: Policy, optimizer, requests, completions, advantages: torch.Tensor, temperature: float,
+                  loss_cfg, max_grad_norm: float | None, total_tokens: int, total_completions: int, longest: int,
+                  sum_across_processes=None) -> tuple[float, float]:
+    """`loss_cfg.num_iterations` optimizer steps of the clipped loss on these completions, one sequence at a time.
+
+    Each sequence's loss is scaled to its share of the whole step's batch (`total_*` and `longest` count every
+    process), so the gradients summed by `sum_across_processes` (None in one process) are the batch gradient.
+    Returns this process's share of the loss and of the KL (of the last iteration)."""
+    with torch.no_grad():
+        old = [policy.logprobs(q, c, temperature) for q, c in zip(requests, completions)]
+        ref = [policy.logprobs(q, c, temperature, reference=True) if loss_cfg.beta else None
+               for q, c in zip(requests, completions)]
+    policy.model.train()
+    for _ in range(loss_cfg.num_iterations):
+        optimizer.zero_grad()
+        step_loss, kl = 0.0, 0.0
+        for i, (q, c) in enumerate(zip(requests, completions)):
+            logp = policy.logprobs(q, c, temperature)
+            loss, stats = policy_loss(logp[None], old[i][None], None if ref[i] is None else ref[i][None],
+                                      advantages[i:i + 1], torch.ones(1, len(c)), beta=loss_cfg.beta,
+                                      eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                                      aggregation=loss_cfg.aggregation, max_completion_length=longest)
+            share = len(c) / total_tokens if loss_cfg.aggregation == "token" else 1 / total_completions
+            (loss * share).backward()
+            step_loss += loss.item() * share
+            kl += stats["kl"] * len(c) / total_tokens
+        if sum_across_processes is not None:
+            sum_across_processes(policy.trainable_parameters())
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_grad_norm)
+        optimizer.step()
+    return step_loss, kl
+
+
+def _all_reduce_sum(parameters) -> None:
+    """Sum the gradients of `parameters` over all processes (a missing gradient counts as zeros)."""
+    import torch.distributed as dist
+
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
 def _vllm_rollout_engine(cfg: GRPOTrainConfig, policy: Policy):
