@@ -4,8 +4,9 @@
       layer and for 3 layers
   (b) throughput, requests/s: vLLM engine vs transformers engine, both generating and returning states
 for tiny Llama (text) and tiny Mllama with one image per request (our vLLM plugin). Every answer runs to
-max_new_tokens, so the states are all recorded while generating; an answer that ends at end of sequence adds one
-prefill pass (prefix-cached for text models, all rows for Mllama with images), which this benchmark does not time.
+max_new_tokens, so the states are all recorded while generating. Then the same on a copy of the model whose
+generation config ends most answers early (end of sequence): their last row takes one more prefill pass
+(prefix-cached for text models, all rows for Mllama with images).
 
 vLLM runs are interleaved and summarised by their medians (other work may share the CPU). Every timed call gets
 prompts of its own, so no call reuses another's prefix cache.
@@ -17,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
+import shutil
 import statistics
+import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -54,25 +60,17 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
     engine = VLLMEngine(tiny_path(kind))
     engine.progress = False
     last, three = [-1], [0, engine.num_layers // 2, engine.num_layers]
-    runs = {"generate": lambda r: engine.generate(r, [], sampling),
-            "generate + final layer": lambda r: engine.generate(r, last, sampling),
-            "generate + 3 layers": lambda r: engine.generate(r, three, sampling)}
-    times = {name: [] for name in runs}
-    for fn in runs.values():  # warm-up
-        fn(fresh())
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            requests = fresh()
-            times[name].append(timed(lambda: fn(requests)))
-    vllm_s = {name: statistics.median(t) for name, t in times.items()}
-
+    vllm_s = medians(engine, fresh, sampling, {"generate": [], "generate + final layer": last,
+                                               "generate + 3 layers": three}, rounds)
+    stop_model = model_that_stops_early(tiny_path(kind), engine, fresh(), sampling)
+    mode = "prefix caching on" if engine.prefix_caching else "no prefix caching (encoder-decoder)"
+    del engine  # one vLLM engine at a time
     hf = TransformersEngine(tiny_path(kind))
     hf.progress = False
     hf.generate(fresh()[:2], last, sampling)  # warm-up
     hf_s = statistics.median(timed(lambda: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
 
     label = "tiny Llama, text" if kind == "llama" else "tiny Mllama, 1 image (4 tiles) per request, vLLM plugin"
-    mode = "prefix caching on" if engine.prefix_caching else "no prefix caching (encoder-decoder)"
     print(f"{label}: {n} requests x {tokens} tokens, float32, {os.cpu_count()} CPU threads; {mode}; "
           f"medians of {rounds} interleaved rounds")
     for name, seconds in vllm_s.items():
@@ -81,6 +79,42 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
           f"(goal <= 1.15x); 3 layers: {vllm_s['generate + 3 layers'] / vllm_s['generate']:.2f}x")
     print(f"  transformers generate + final layer {hf_s * 1e3:8.1f} ms  {n / hf_s:8.1f} req/s")
     print(f"  (b) vLLM / transformers throughput with states: {hf_s / vllm_s['generate + final layer']:.2f}x")
+
+    # Answers that end at end of sequence: their last row needs one more prefill pass.
+    engine = VLLMEngine(stop_model)
+    engine.progress = False
+    free = SamplingConfig(max_new_tokens=tokens)
+    lengths = [len(s.output_token_ids) for s in engine.generate(fresh(), [], free)]
+    eos_s = medians(engine, fresh, free, {"generate": [], "generate + final layer": last}, rounds)
+    print(f"  answers ending at end of sequence ({sum(n < tokens for n in lengths)}/{len(lengths)} of them, mean "
+          f"length {np.mean(lengths):.1f}): states overhead, final layer "
+          f"{eos_s['generate + final layer'] / eos_s['generate']:.2f}x")
+
+
+def medians(engine, fresh, sampling, layer_sets: dict[str, list[int]], rounds: int) -> dict[str, float]:
+    """Median seconds per call for each set of layers, runs interleaved, every call on fresh prompts."""
+    times = {name: [] for name in layer_sets}
+    for layers in layer_sets.values():  # warm-up
+        engine.generate(fresh(), layers, sampling)
+    for _ in range(rounds):
+        for name, layers in layer_sets.items():
+            requests = fresh()
+            times[name].append(timed(lambda: engine.generate(requests, layers, sampling)))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def model_that_stops_early(model: Path, engine, requests, sampling) -> Path:
+    """A copy of `model` whose generation config also ends answers at the token its greedy answers hold most often
+    (after their first token), so most answers end early at end of sequence."""
+    answers = [s.output_token_ids.tolist() for s in engine.generate(requests, [], sampling)]
+    stop = Counter(t for a in answers for t in a[1:]).most_common(1)[0][0]
+    copy = Path(tempfile.mkdtemp(prefix="thinkdiff-bench-")) / model.name
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    eos = config.get("eos_token_id")
+    config["eos_token_id"] = ([eos] if isinstance(eos, int) else list(eos or [])) + [stop]
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    return copy
 
 
 def main() -> None:
