@@ -7,6 +7,9 @@
     accelerate launch --num_processes 4 train.py --config configs/align_tiny.yaml train.max_steps=25000
     python train.py --config configs/align_tiny.yaml train.resume=latest   # continue exactly where it stopped
     python train.py --config configs/grpo_tiny.yaml
+    accelerate launch --num_processes 2 train.py --config configs/grpo_tiny.yaml   # whole groups per process
+
+On a host without a GPU, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes in one gloo group.
 """
 
 from __future__ import annotations
