@@ -14,11 +14,11 @@ vLLM up to 0.31 while we pin 0.32; and a reward function sees only a process's s
 uniqueness weights need an override of a private method. Our loop reuses the engine's own inputs for every VLM it
 runs.
 
-Several processes (`accelerate launch --num_processes N train.py ...`): each process takes whole groups (problems
-`problems_per_step / N` apart in the step's batch), rolls them out on its own device with transformers, scores them,
-and back-propagates its share of the global loss; gradients are then summed across processes, so every process takes
-the same optimizer step as one process holding the whole batch would (no DDP: the number of backward passes differs
-between processes). vLLM rollouts run in one process.
+Several processes (`accelerate launch --num_processes N train.py ...`): each process takes whole groups (process r
+the r-th contiguous `problems_per_step / N` problems of the step's batch), rolls them out on its own device with
+transformers, scores them, and back-propagates its share of the global loss; gradients are then summed across
+processes, so every process takes the same optimizer step as one process holding the whole batch would (no DDP: the
+number of backward passes differs between processes). vLLM rollouts run in one process.
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
         if rollout_engine is not engine:
             rollout_engine.update_weights(policy.model)
 
-        local = (rewards, distinct, step_loss, kl)
-        stats = gather_object([local]) if world > 1 else [local]
+        stats = gather_object([(rewards, distinct, step_loss, kl)])  # one entry per process
         rewards = [r for s in stats for r in s[0]]
         distinct = [d for s in stats for d in s[1]]
         row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": sum(s[2] for s in stats),
