@@ -2,7 +2,7 @@
 
 vLLM runs in a child process (this file run as a script) and writes its results; transformers runs here (vLLM's
 Transformers backend patches transformers classes, after which an HF Mllama cannot be built). Cases: tiny Llama
-with prefix caching (states recorded while generating) and chunked prefill (64 tokens per step); tiny Mllama
+with prefix caching (states recorded while generating); tiny Mllama
 through our vLLM plugin with 1-3 images (image first, text before an image of 1, 2, 3 and 4 tiles, text between
 images), text-only, all in one batch, at a self-attention layer (1) and after the cross-attention layer (2), which
 runs without prefix caching (encoder-decoder); tiny Mllama text-only (prefix caching); seeded sampling, with states
@@ -140,8 +140,8 @@ def run_child(out: str) -> None:
     for kind, requests in cases().items():
         if kind == "mllama":
             engine = VLLMEngine(tiny_path(kind), max_images=3)
-        else:  # chunked prefill: prompts are split over steps; shared_prefix_requests' copies fill max_model_len
-            engine = VLLMEngine(tiny_path(kind), batch_size=8, max_num_batched_tokens=64,
+        else:  # shared_prefix_requests' copies fill max_model_len
+            engine = VLLMEngine(tiny_path(kind), batch_size=8,
                                 max_model_len=max(prompt_lengths(kind, shared_prefix_requests())) + SHARED_ANSWER)
         engine.progress = False
         results[f"{kind}_prefix_caching"] = engine.prefix_caching
@@ -152,6 +152,9 @@ def run_child(out: str) -> None:
             runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
                     for s in (3, 3, 4)]
             results["sampled"] = [[o.output_token_ids for o in run] for run in runs]
+            copies = SamplingConfig(max_new_tokens=6, do_sample=True, seed=11)
+            results["copies"] = [[o.output_token_ids.tolist() for o in engine.generate(requests[:1] * n, [], copies)]
+                                 for n in (24, 5)]
             results["shared"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                                  for s in engine.generate(shared_prefix_requests(), LAYERS,
                                                           SamplingConfig(**{**vars(sampled), "seed": 5}))]
@@ -287,9 +290,9 @@ def test_sampled_copies_of_a_prompt_get_the_states_of_their_own_answers(vllm_res
 
 @pytest.mark.parametrize("kind", ["llama", "mllama"])
 def test_answers_ending_early_get_their_last_row(vllm_results, kind):
-    """Answers that end at end of sequence never computed the row of their last token while generating: one
-    prefill pass adds it (prefix-cached for Llama; all rows again for Mllama with images), the others keep the
-    rows of the extra token's step."""
+    """Answers that end at end of sequence run one step more (the end token as input, then a forced sentinel that
+    stops them), so the end token's row is computed while generating; the others keep the rows of the extra token's
+    step. Both equal the transformers reference."""
     from thinkdiff.vlm import SamplingConfig
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
@@ -317,6 +320,14 @@ def test_served_vllm_matches_transformers(vllm_results, engine):
     assert len(vllm_results["concurrent"]) == 8
     for ref, output in zip(reference, vllm_results["concurrent"]):
         assert torch.equal(ref.output_token_ids, output)
+
+
+def test_sampled_copies_are_distinct_and_independent_of_the_call(vllm_results):
+    """Request i samples with its own seed derived from (seed, i): 24 copies of a prompt give distinct answers, and
+    a 5-copy call returns exactly the first 5 answers of the 24-copy call."""
+    many, few = vllm_results["copies"]
+    assert len(set(map(tuple, many))) >= 22, many
+    assert few == many[:5]
 
 
 def test_seeded_sampling_reproduces(vllm_results):

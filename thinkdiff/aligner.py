@@ -9,7 +9,9 @@ space it targets (Flan-T5's encoder `final_layer_norm`); without that init its t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +42,28 @@ class AlignerConfig:
 
 
 class Aligner(nn.Module):
-    def __init__(self, config: AlignerConfig):
+    def __init__(self, config: AlignerConfig, generator: torch.Generator | None = None):
+        """`generator` draws the initial weights (torch's nn.Linear init) and torch's global RNG is left alone;
+        without it, the global RNG draws them, as in any torch module."""
         super().__init__()
         self.config = config
-        self.proj_in = nn.Linear(config.input_dim, config.output_dim)
-        self.act = nn.GELU()
-        self.proj_out = nn.Linear(config.output_dim, config.output_dim)
-        self.norm = nn.RMSNorm(config.output_dim, eps=config.eps)
+        with torch.device("meta") if generator is not None else contextlib.nullcontext():
+            self.proj_in = nn.Linear(config.input_dim, config.output_dim)
+            self.act = nn.GELU()
+            self.proj_out = nn.Linear(config.output_dim, config.output_dim)
+            self.norm = nn.RMSNorm(config.output_dim, eps=config.eps)
+        if generator is not None:
+            self.to_empty(device=generator.device)
+            self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """nn.Linear's default initialisation (kaiming-uniform weights, uniform biases), drawn from `generator`."""
+        for linear in (self.proj_in, self.proj_out):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(linear.in_features)
+            nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+        self.norm.reset_parameters()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, L, H] (or [L, H]) -> [B, L, D] (or [L, D])."""
@@ -78,6 +95,7 @@ class Aligner(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"No aligner at {directory}: {name} is missing (expected the output of "
                                         "Aligner.save_pretrained or train.py).")
-        aligner = cls(AlignerConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        aligner.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        with torch.device("meta"):  # no initialisation: every weight comes from the file
+            aligner = cls(AlignerConfig(**json.loads((directory / CONFIG_NAME).read_text())))
+        aligner.load_state_dict(load_file(directory / WEIGHTS_NAME), assign=True)
         return aligner.to(dtype)

@@ -32,7 +32,13 @@ class VLMConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     system: str | None = None
-    max_images: int | None = None  # images per request; None = the model's own limit
+    max_images: int | None = None  # images per request; None = the model's own limit (vllm: 8)
+    # vLLM only (None = derived from the model, max_new_tokens and max_images; see vllm_engine.engine_limits):
+    max_model_len: int | None = None  # prompt + answer tokens per request (default 4096 prompt tokens + answer)
+    max_num_batched_tokens: int | None = None  # tokens per engine step (Mllama: >= all tiles of max_images images)
+    gpu_memory_utilization: float | None = None  # share of the GPU vLLM takes (None: derived, see memory plan)
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float | None = None  # KV cache size; on CPU default 1 GiB (VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from PIL import Image
 from .aligner import Aligner, AlignerConfig
 from .config import InferenceConfig, load_config, to_dict, torch_dtype
 from .decoders import Decoder, decoder_class
+from .rng import generator
 from .vlm import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, make_engine, sampling_from
 from .weights import resolve_model
 
@@ -84,9 +85,9 @@ class ThinkDiffPipeline:
             aligner = Aligner.from_pretrained(config.aligner.path)
         else:
             logger.warning("No aligner.path given: using a randomly initialised (untrained) aligner.")
-            torch.manual_seed(config.aligner.seed)
             aligner = Aligner(AlignerConfig(input_dim=engine.hidden_size, output_dim=decoder.conditioning_dim,
-                                            layer=config.aligner.layer, embed=config.aligner.embed))
+                                            layer=config.aligner.layer, embed=config.aligner.embed),
+                              generator=generator(config.aligner.seed))
         aligner = aligner.to(decoder.device).eval()
         return cls(engine, aligner, decoder, sampling_from(config.vlm), config)
 

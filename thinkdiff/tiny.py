@@ -102,8 +102,8 @@ def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: boo
     existing `out_dir` is replaced unless `replace=False`)."""
     _check_kind(kind)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, replace=replace) as tmp:
-        torch.manual_seed(seed)
+    with atomic_dir(out_dir, replace=replace) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # transformers and diffusers initialise from the global RNG; restored on exit
         _BUILDERS[kind](tmp)
         (tmp / ".complete").write_text(f"thinkdiff tiny {kind} v{TINY_VERSION} seed {seed}\n")
     return out_dir

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from contextlib import nullcontext
 
 import torch
 
+from ..rng import generator
 from ..vlm import VLMRequest
 from ..vlm.transformers_engine import TransformersEngine
 
@@ -18,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 class Policy:
     def __init__(self, engine: TransformersEngine, lora_rank: int = 0, lora_alpha: int = 16,
-                 lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), keep_reference: bool = True):
+                 lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), keep_reference: bool = True,
+                 seed: int = 0):
         self.engine = engine
         self.lora = lora_rank > 0
         if self.lora:
@@ -26,6 +29,7 @@ class Policy:
 
             engine.model = get_peft_model(engine.model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
                                                                    target_modules=list(lora_targets)))
+            _init_lora(engine.model, seed)
         # The reference policy: with LoRA the adapters are switched off, otherwise a frozen copy of the start.
         self.reference = None
         if keep_reference and not self.lora:
@@ -57,3 +61,16 @@ class Policy:
         """Full weights or LoRA adapters, safetensors."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
         self.engine.processor.save_pretrained(str(directory))
+
+
+@torch.no_grad()
+def _init_lora(model: torch.nn.Module, seed: int) -> None:
+    """peft's LoRA initialisation (A kaiming-uniform, B zeros), drawn from generators keyed by (seed, module
+    index) instead of torch's global RNG."""
+    index = 0
+    for module in model.modules():
+        for adapter in getattr(module, "lora_A", {}) or {}:
+            torch.nn.init.kaiming_uniform_(module.lora_A[adapter].weight, a=math.sqrt(5),
+                                           generator=generator(seed, index))
+            torch.nn.init.zeros_(module.lora_B[adapter].weight)
+            index += 1

@@ -98,14 +98,13 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                          f"processes ({world}): every process takes whole groups.")
     out = Path(loop.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(loop.seed)
     problems = load_problems(cfg.problems, cfg.limit)
 
     device = str(accelerator.device) if world > 1 else cfg.policy.device  # one device per process
     engine = TransformersEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype),
                                 device=device, max_images=cfg.policy.max_images)
     engine.progress = False
-    policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0)
+    policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0, seed=loop.seed)
     rollout_engine = engine
     if cfg.rollout_backend == "vllm":
         rollout_engine = _vllm_rollout_engine(cfg, policy)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..aligner import Aligner, AlignerConfig
 from ..config import AlignTrainConfig, DecoderConfig, OptimConfig, torch_dtype
+from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -132,9 +133,8 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
         raise ValueError(f"The objective trains width {objective.output_dim} but {decoder.display_name} expects "
                          f"{decoder.conditioning_dim}.")
 
-    torch.manual_seed(loop.seed)
     aligner = Aligner(AlignerConfig(input_dim=hidden_size, output_dim=objective.output_dim, layer=cfg.layer,
-                                    embed=cfg.embed))
+                                    embed=cfg.embed), generator=generator(loop.seed))
     objective.init_aligner(aligner)
     optimizer = torch.optim.AdamW(param_groups(aligner, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..aligner import Aligner
+from ..rng import generator
 from .data import ImageCaptionDataset, image_to_pixels
 from .feature_cache import FeatureSample
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return generator(seed, index)
 
 
 def pad_states(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

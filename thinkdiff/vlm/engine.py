@@ -98,6 +98,35 @@ class HiddenStates:
         raise ValueError(f"Unknown embed kind {kind!r}; choose 'output', 'input' or 'both'.")
 
 
+def end_token_ids(model_path, tokenizer) -> set[int]:
+    """The tokens that end an answer: the generation config's eos ids and the tokenizer's eos token (vLLM stops on
+    both; transformers is given the same set)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids = set([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"The model at {model_path} names no end-of-sequence token (generation_config.json or the "
+                         "tokenizer's eos_token); answers could not end.")
+    return ids
+
+
+def answer_sentinel(tokenizer, vocab_size: int, end_ids: set[int]) -> int:
+    """A token no answer contains: the pad token, or else the highest special token the LM head can produce that
+    ends nothing. The vLLM engine stops on it after an end token (vllm_answer_end.py); both engines suppress it."""
+    candidates = [tokenizer.pad_token_id] + sorted(tokenizer.all_special_ids, reverse=True)
+    for token in candidates:
+        if token is not None and token < vocab_size and token not in end_ids:
+            return token
+    raise ValueError("The tokenizer has no special token outside the end tokens that could mark a finished answer; "
+                     "give it a pad token.")
+
+
 class HiddenStateEngine(abc.ABC):
     """A VLM that generates answers and returns hidden states of requested layers (see module docstring)."""
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
+from ..rng import generator
+from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, answer_sentinel, end_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,12 @@ class TransformersEngine(HiddenStateEngine):
         self.hidden_size = self.decoder.config.hidden_size
         self.max_images = 0 if self.family == "text" else max_images
         self.batch_size = batch_size
-        eos = self.model.generation_config.eos_token_id
-        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos_token_ids = end_token_ids(self.model_path, self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
-            self.pad_token_id = next(iter(self.eos_token_ids), 0)
+            self.pad_token_id = min(self.eos_token_ids)
+        # Never generated, as in the vLLM engine, which ends answers with it (engine.answer_sentinel).
+        self.sentinel = answer_sentinel(self.tokenizer, self.decoder.config.vocab_size, self.eos_token_ids)
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -71,7 +73,7 @@ class TransformersEngine(HiddenStateEngine):
         groups = [[i for i, r in enumerate(requests) if bool(r.images) == has] for has in (True, False)]
         chunks = [g[s:s + self.batch_size] for g in groups for s in range(0, len(g), self.batch_size)]
         for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2 or not self.progress):
-            for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], sampling)):
+            for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], chunk, sampling)):
                 answers[i] = answer
         results = []
         for i, request in enumerate(tqdm(requests, desc="VLM hidden states", unit="req",
@@ -109,14 +111,19 @@ class TransformersEngine(HiddenStateEngine):
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return enc
 
-    def _generate_batch(self, requests: list[VLMRequest], sampling: SamplingConfig):
+    def _generate_batch(self, requests: list[VLMRequest], indices: list[int], sampling: SamplingConfig):
+        """Answers for `requests`, which are requests `indices` of the call (their sampling generators' keys)."""
+        from transformers import LogitsProcessorList
+
         enc = self.encode(requests)
+        # Sampling is done by `PerRequestSampler` (one generator per request), so generate itself runs greedy.
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-                      do_sample=sampling.do_sample, pad_token_id=self.pad_token_id)
+                      do_sample=False, pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_token_ids),
+                      suppress_tokens=[self.sentinel], temperature=None, top_p=None, top_k=None)
         if sampling.do_sample:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+            kwargs["logits_processor"] = LogitsProcessorList([PerRequestSampler(
+                [generator(sampling.seed, i, self.device) if sampling.seed is not None else None for i in indices],
+                sampling.temperature, sampling.top_p)])
         with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False,
                   disable=not self.progress) as bar:
             sequences = self.model.generate(**enc, **kwargs, streamer=_TokenProgress(bar))
@@ -150,6 +157,30 @@ class TransformersEngine(HiddenStateEngine):
         with capture_layers(self.decoder, layers) as captured:
             self.model(**enc, use_cache=False, logits_to_keep=1)
         return {k: v[0].float().cpu() for k, v in captured.items()}
+
+
+class PerRequestSampler:
+    """A transformers logits processor that samples row r with its own generator (temperature, then top-p) and
+    leaves only the drawn token finite, so greedy decoding picks it. A request's answer then depends on its own
+    generator alone: not on the batch size, the chunking or the other requests of the call."""
+
+    def __init__(self, generators: list[torch.Generator | None], temperature: float = 1.0, top_p: float = 1.0):
+        from transformers import TopPLogitsWarper
+
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
+        self.generators, self.temperature = generators, temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        tokens = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])
+        chosen = torch.full_like(scores, -float("inf"))
+        chosen[torch.arange(len(tokens), device=scores.device), tokens] = 0.0
+        return chosen
 
 
 class _TokenProgress:

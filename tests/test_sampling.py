@@ -1,0 +1,70 @@
+"""Sampling draws request i from its own generator keyed by (seed, i); library code leaves torch's global RNG alone."""
+
+import torch
+
+from thinkdiff.vlm import SamplingConfig, VLMRequest
+
+PROMPT = "Create an image of a red apple on a wooden table in soft morning light."
+
+
+def answers(engine, n, seed=11):
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0, seed=seed)
+    return [s.output_token_ids.tolist() for s in engine.generate([VLMRequest(PROMPT)] * n, [], sampling)]
+
+
+def test_copies_of_a_prompt_are_distinct_and_independent_of_the_call(engine):
+    llama = engine("llama")
+    llama.progress = False
+    many = answers(llama, 24)
+    assert len(set(map(tuple, many))) >= 22, many  # chunks of 8 used to repeat each other (8 distinct of 16)
+    assert answers(llama, 5) == many[:5]
+    batch_size = llama.batch_size
+    try:
+        llama.batch_size = 3  # other chunking, same answers
+        assert answers(llama, 24) == many
+    finally:
+        llama.batch_size = batch_size
+    assert answers(llama, 5, seed=12) != many[:5]
+
+
+def test_sampling_with_images_is_per_request_too(engine, image):
+    mllama = engine("mllama")
+    mllama.progress = False
+    sampling = SamplingConfig(max_new_tokens=6, do_sample=True, seed=3)
+    requests = [VLMRequest("Describe the image.", [image])] * 6 + [VLMRequest("A text-only question.")] * 2
+    both = [s.output_token_ids.tolist() for s in mllama.generate(requests, [], sampling)]
+    alone = [s.output_token_ids.tolist() for s in mllama.generate(requests[:6], [], sampling)]
+    assert both[:6] == alone and len(set(map(tuple, alone))) >= 5
+
+
+def test_pipeline_leaves_the_global_rng_alone(tmp_path):
+    from thinkdiff.pipeline import ThinkDiffPipeline
+
+    before = torch.get_rng_state()
+    pipe = ThinkDiffPipeline.from_config("configs/tiny.yaml", ["vlm.do_sample=true", "vlm.max_new_tokens=4", "vlm.min_new_tokens=0"])
+    pipe("Draw a cat.", seed=1, num_inference_steps=2, height=64, width=64, progress=False)
+    assert torch.equal(before, torch.get_rng_state())
+    again = ThinkDiffPipeline.from_config("configs/tiny.yaml")  # the same random aligner from aligner.seed
+    assert all(torch.equal(a, b) for a, b in zip(pipe.aligner.state_dict().values(),
+                                                  again.aligner.state_dict().values()))
+
+
+def test_library_code_never_seeds_the_global_rng():
+    """Only the test-model builder seeds torch's global RNG, inside fork_rng (transformers and diffusers initialise
+    from it), which restores the caller's state."""
+    from pathlib import Path
+
+    import thinkdiff
+
+    offenders = [f"{path.name}:{n}" for path in Path(thinkdiff.__file__).parent.rglob("*.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if "torch.manual_seed(" in line or "torch.cuda.manual_seed" in line or "np.random.seed(" in line]
+    assert offenders == ["tiny.py:106"], offenders
+    before = torch.get_rng_state()
+    from thinkdiff.tiny import make_tiny
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny(tmp + "/t5", "t5")
+    assert torch.equal(before, torch.get_rng_state())
