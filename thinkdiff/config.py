@@ -183,9 +183,10 @@ class LoopConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    sample_every: int = 0  # write a sample image every N steps (0 = only at the end when a decoder is set)
+    sample_every: int = 0  # sample image every N steps; 0 = only at the end, -1 = never (needs a `decoder:` section)
     log_every: int = 10
-    resume: str | None = None  # "latest" or a checkpoint folder
+    resume: str | None = None  # "latest" (this output_dir's newest checkpoint) or a checkpoint folder
+    overwrite: bool = False  # start over in an output_dir that holds another run (removes its checkpoints)
     cache: str | None = None  # feature cache folder (python -m thinkdiff cache); None = run the VLM live
     cache_dtype: str = "bfloat16"
     cache_shard_size: int = 256
@@ -240,6 +241,9 @@ class GRPOLoopConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" (this output_dir's newest checkpoint) or a checkpoint folder
+    overwrite: bool = False  # start over in an output_dir that holds another run (removes its checkpoints)
 
 
 @dataclass

@@ -13,9 +13,18 @@ USER_ERRORS = (FileNotFoundError, ValueError)
 
 
 def exit_status(run: Callable[[], int]) -> int:
-    """`run()`'s exit status, or 2 after printing `error: <message>` when it raises a user error."""
+    """`run()`'s exit status, or 2 after printing `error: <message>` when it raises a user error; 130 with one line
+    when training was interrupted (SIGINT/SIGTERM) or Ctrl-C stopped a command."""
+    from .train.interrupt import TrainingInterrupted
+
     try:
         return run()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(str(err), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130

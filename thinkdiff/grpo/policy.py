@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..atomic import save_safetensors
 from ..rng import generator
 from ..vlm import VLMRequest
 from ..vlm.transformers_engine import TransformersEngine
@@ -57,6 +58,32 @@ class Policy:
             logits = model(**inputs, use_cache=False).logits[0, prompt_len - 1:-1].float() / temperature
         return torch.log_softmax(logits, -1).gather(-1, completion_ids.to(logits.device)[:, None])[:, 0]
 
+    def save_trainable(self, path) -> None:
+        """What training changes (full weights, or the LoRA adapters) in one safetensors file, under the model's
+        own parameter names (resume reads it back with `load_trainable`)."""
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            save_safetensors(get_peft_model_state_dict(self.model), path)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(self.model, str(path))  # drops tied duplicates
+
+    def load_trainable(self, path) -> None:
+        if self.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            result = set_peft_model_state_dict(self.model, load_file(str(path)))
+            if result.unexpected_keys:
+                raise ValueError(f"The checkpoint {path} does not fit this policy's adapters "
+                                 f"(unexpected {result.unexpected_keys[:3]}).")
+        else:
+            from safetensors.torch import load_model
+
+            load_model(self.model, str(path), strict=True)
+
     def save_pretrained(self, directory) -> None:
         """Full weights or LoRA adapters, safetensors."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
@@ -74,3 +101,4 @@ def _init_lora(model: torch.nn.Module, seed: int) -> None:
                                            generator=generator(seed, index))
             torch.nn.init.zeros_(module.lora_B[adapter].weight)
             index += 1
+

@@ -33,9 +33,12 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
+from ..train.checkpoint import (check_resume_step, checkpoint_dir, keep_history, load_training_state, prepare_run,
+                                prune_checkpoints, save_training_state)
+from ..train.interrupt import GracefulStop, TrainingInterrupted
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
 from ..train.accelerator import make_accelerator
-from ..train.align import batch_indices
+from ..train.align import batch_indices, broadcast
 from ..vlm import SamplingConfig, VLMRequest
 from ..vlm.transformers_engine import TransformersEngine
 from ..weights import resolve_model
@@ -80,9 +83,23 @@ def score_group(problem, texts: list[str], clusterer, reward_cfg: RareRewardConf
     return rewards, rare_advantages(rewards, labels, reward_cfg.alpha, reward_cfg.scale), labels
 
 
+RESULTS = ("policy", "log.jsonl")  # what a run writes into its output folder
+
+
 def save_policy(policy: Policy, directory: Path) -> None:
     with atomic_dir(directory) as tmp:
         policy.save_pretrained(tmp)
+
+
+def save_checkpoint(out: Path, step: int, policy: Policy, optimizer, keep: int) -> Path:
+    """The policy's weights (full or LoRA adapters), the optimizer and the step; data order and rollout seeds are
+    functions of (seed, step), so resuming from here continues exactly."""
+    final = checkpoint_dir(out, step)
+    with atomic_dir(final) as tmp:
+        policy.save_trainable(tmp / "policy.safetensors")
+        save_training_state(tmp, step, optimizer)
+    prune_checkpoints(out, keep)
+    return final
 
 
 def train_grpo(cfg: GRPOTrainConfig) -> Path:
@@ -97,6 +114,8 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
         raise ValueError(f"train.problems_per_step={loop.problems_per_step} must be a multiple of the number of "
                          f"processes ({world}): every process takes whole groups.")
     out = Path(loop.output_dir)
+    resume = prepare_run(out, loop.resume, loop.overwrite, RESULTS) if accelerator.is_main_process else None
+    resume = broadcast(accelerator, resume)
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.problems, cfg.limit)
 
@@ -105,70 +124,88 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                                 device=device, max_images=cfg.policy.max_images)
     engine.progress = False
     policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0, seed=loop.seed)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    start = 0
+    if resume:
+        policy.load_trainable(resume / "policy.safetensors")
+        start = load_training_state(resume, optimizer)
+        check_resume_step(start, loop.max_steps, resume)
+        logger.info("Resumed from %s at step %d", resume, start)
+    log_path = out / "log.jsonl"
+    if accelerator.is_main_process:
+        keep_history(log_path, start, step_of=lambda line: json.loads(line)["step"])
     rollout_engine = engine
     if cfg.rollout_backend == "vllm":
         rollout_engine = _vllm_rollout_engine(cfg, policy)
     elif cfg.rollout_backend != "transformers":
         raise ValueError(f"rollout_backend must be transformers or vllm, got {cfg.rollout_backend!r}.")
     clusterer = build_clusterer(cfg.reward)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     temperature = cfg.policy.temperature
     share = loop.problems_per_step // world  # problems per process and step
 
-    log_path = out / "log.jsonl"
-    bar = tqdm(range(loop.max_steps), desc="grpo", disable=not accelerator.is_main_process)
-    for step in bar:
-        start = time.perf_counter()
-        batch = [problems[i] for i in batch_indices(step, len(problems), loop.problems_per_step, loop.seed)]
-        batch = batch[rank * share:(rank + 1) * share]
+    bar = tqdm(range(start, loop.max_steps), initial=start, total=loop.max_steps, desc="grpo",
+               disable=not accelerator.is_main_process)
+    with GracefulStop() as stop:
+        for step in bar:
+            clock = time.perf_counter()
+            batch = [problems[i] for i in batch_indices(step, len(problems), loop.problems_per_step, loop.seed)]
+            batch = batch[rank * share:(rank + 1) * share]
 
-        # 1. Rollouts: K samples per problem.
-        policy.model.eval()
-        requests = [VLMRequest(p.prompt, p.images) for p in batch for _ in range(loop.group_size)]
-        sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens, min_new_tokens=cfg.policy.min_new_tokens,
-                                  do_sample=True, temperature=temperature, top_p=cfg.policy.top_p,
-                                  seed=loop.seed * 100_003 + step + 1_000_003 * rank)
-        with torch.no_grad():
-            outputs = rollout_engine.generate(requests, [], sampling)
-        rollout_seconds = time.perf_counter() - start
+            # 1. Rollouts: K samples per problem.
+            policy.model.eval()
+            requests = [VLMRequest(p.prompt, p.images) for p in batch for _ in range(loop.group_size)]
+            sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens,
+                                      min_new_tokens=cfg.policy.min_new_tokens, do_sample=True,
+                                      temperature=temperature, top_p=cfg.policy.top_p,
+                                      seed=loop.seed * 100_003 + step + 1_000_003 * rank)
+            with torch.no_grad():
+                outputs = rollout_engine.generate(requests, [], sampling)
+            rollout_seconds = time.perf_counter() - clock
 
-        # 2. Rewards, strategy clusters, uniqueness-weighted advantages.
-        rewards, advantages, distinct = [], [], []
-        for g, problem in enumerate(batch):
-            group = outputs[g * loop.group_size:(g + 1) * loop.group_size]
-            r, a, labels = score_group(problem, [o.text for o in group], clusterer, cfg.reward)
-            rewards += r
-            advantages.append(a)
-            if labels is not None:
-                distinct.append(len({lab for lab, ok in zip(labels, r) if ok > 0}))
-        advantages = torch.cat(advantages).float()
+            # 2. Rewards, strategy clusters, uniqueness-weighted advantages.
+            rewards, advantages, distinct = [], [], []
+            for g, problem in enumerate(batch):
+                group = outputs[g * loop.group_size:(g + 1) * loop.group_size]
+                r, a, labels = score_group(problem, [o.text for o in group], clusterer, cfg.reward)
+                rewards += r
+                advantages.append(a)
+                if labels is not None:
+                    distinct.append(len({lab for lab, ok in zip(labels, r) if ok > 0}))
+            advantages = torch.cat(advantages).float()
 
-        # 3. Policy update on this process's groups, scaled as a share of the whole step's batch.
-        completions = [o.output_token_ids for o in outputs]
-        lengths = torch.tensor([sum(len(c) for c in completions), max(len(c) for c in completions)])
-        totals = accelerator.gather(lengths.to(accelerator.device)).view(-1, 2).cpu()
-        step_loss, kl = update_policy(policy, optimizer, requests, completions, advantages, temperature, loss_cfg,
-                                      loop.max_grad_norm, total_tokens=int(totals[:, 0].sum()),
-                                      total_completions=len(completions) * world, longest=int(totals[:, 1].max()),
-                                      sum_across_processes=_all_reduce_sum if world > 1 else None)
-        if rollout_engine is not engine:
-            rollout_engine.update_weights(policy.model)
+            # 3. Policy update on this process's groups, scaled as a share of the whole step's batch.
+            completions = [o.output_token_ids for o in outputs]
+            lengths = torch.tensor([sum(len(c) for c in completions), max(len(c) for c in completions)])
+            totals = accelerator.gather(lengths.to(accelerator.device)).view(-1, 2).cpu()
+            step_loss, kl = update_policy(policy, optimizer, requests, completions, advantages, temperature,
+                                          loss_cfg, loop.max_grad_norm, total_tokens=int(totals[:, 0].sum()),
+                                          total_completions=len(completions) * world,
+                                          longest=int(totals[:, 1].max()),
+                                          sum_across_processes=_all_reduce_sum if world > 1 else None)
+            if rollout_engine is not engine:
+                rollout_engine.update_weights(policy.model)
 
-        stats = gather_object([(rewards, distinct, step_loss, kl)])  # one entry per process
-        rewards = [r for s in stats for r in s[0]]
-        distinct = [d for s in stats for d in s[1]]
-        row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": sum(s[2] for s in stats),
-               "kl": sum(s[3] for s in stats),
-               "clusters_among_correct": sum(distinct) / len(distinct) if distinct else None,
-               "rollout_s": rollout_seconds, "step_s": time.perf_counter() - start}
-        if isinstance(clusterer, LLMJudgeClusterer):
-            row.update(judge_calls=clusterer.calls, judge_failures=clusterer.failures)
-        if accelerator.is_main_process:
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
-            if loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0:
-                save_policy(policy, out / "checkpoints" / f"step-{step + 1:06d}")
+            stats = gather_object([(rewards, distinct, step_loss, kl)])  # one entry per process
+            rewards = [r for s in stats for r in s[0]]
+            distinct = [d for s in stats for d in s[1]]
+            row = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": sum(s[2] for s in stats),
+                   "kl": sum(s[3] for s in stats),
+                   "clusters_among_correct": sum(distinct) / len(distinct) if distinct else None,
+                   "rollout_s": rollout_seconds, "step_s": time.perf_counter() - clock}
+            if isinstance(clusterer, LLMJudgeClusterer):
+                row.update(judge_calls=clusterer.calls, judge_failures=clusterer.failures)
+            interrupted = stop.should_stop(accelerator)
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
+                if (loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0) or interrupted:
+                    save_checkpoint(out, step + 1, policy, optimizer, loop.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if interrupted:
+                bar.close()
+                raise TrainingInterrupted(f"Interrupted: saved {checkpoint_dir(out, step + 1)}; continue with the "
+                                          "same command and train.resume=latest.")
     if accelerator.is_main_process:
         save_policy(policy, out / "policy")
     accelerator.wait_for_everyone()

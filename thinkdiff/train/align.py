@@ -21,14 +21,18 @@ from ..config import AlignTrainConfig, DecoderConfig, OptimConfig, torch_dtype
 from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..atomic import atomic_dir
+from .checkpoint import (check_resume_step, checkpoint_dir, keep_history, load_training_state, prepare_run,
+                         prune_checkpoints, save_training_state)
 from .data import ImageCaptionDataset
 from .feature_cache import FeatureCache, LiveFeatures
+from .interrupt import GracefulStop, TrainingInterrupted
 from .objectives import DiffusionObjective, RegressionObjective, T5DecoderObjective
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("t5_decoder", "diffusion", "regression")
+RESULTS = ("aligner", "losses.txt", "logs", "samples")  # what a run writes into its output folder
 
 
 def thinkdiff_lr_lambda(optim: OptimConfig, max_steps: int):
@@ -127,7 +131,8 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
 
     dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=loop.seed, limit=cfg.data.limit)
     features, hidden_size = build_features(cfg, dataset)
-    decoder = load_decoder(cfg.decoder) if cfg.decoder is not None else None
+    needs_decoder = cfg.objective.name == "diffusion" or loop.sample_every >= 0
+    decoder = load_decoder(cfg.decoder) if cfg.decoder is not None and needs_decoder else None
     objective = build_objective(cfg, dataset, decoder, accelerator.device)
     if decoder is not None and decoder.conditioning_dim != objective.output_dim:
         raise ValueError(f"The objective trains width {objective.output_dim} but {decoder.display_name} expects "
@@ -140,64 +145,96 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
                                   betas=tuple(cfg.optim.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, thinkdiff_lr_lambda(cfg.optim, loop.max_steps))
 
+    resume = None
+    if accelerator.is_main_process:
+        resume = prepare_run(out, loop.resume, loop.overwrite, RESULTS)
+    resume = broadcast(accelerator, resume)
     start = 0
-    resume = latest_checkpoint(out) if loop.resume == "latest" else loop.resume
-    if loop.resume == "latest" and resume is None:
-        logger.info("resume=latest: no checkpoint in %s yet, starting from scratch", out)
     if resume:
-        start = load_checkpoint(resume, aligner, optimizer, scheduler)
+        aligner.load_state_dict(Aligner.from_pretrained(resume / "aligner").state_dict())
+        start = load_training_state(resume, optimizer, scheduler)
+        check_resume_step(start, loop.max_steps, resume)
         logger.info("Resumed from %s at step %d", resume, start)
+    losses_path = out / "losses.txt"
+    if accelerator.is_main_process:
+        keep_history(losses_path, start)
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
     accelerator.init_trackers("align", config={"objective": cfg.objective.name, "lr": cfg.optim.lr,
                                                "batch_size": loop.batch_size, "layer": cfg.layer})
 
     bar = tqdm(range(start, loop.max_steps), initial=start, total=loop.max_steps, desc="align",
                disable=not accelerator.is_main_process)
-    losses, seen, clock = [], 0, time.perf_counter()
-    for step in bar:
-        indices = batch_indices(step, len(dataset), loop.batch_size, loop.seed)[rank::world]
-        step_loss = torch.zeros((), device=accelerator.device)
-        for chunk in range(loop.gradient_accumulation_steps):
-            batch = features.get(indices[chunk * micro:(chunk + 1) * micro])
-            with accelerator.accumulate(aligner):
-                if batch:
-                    with accelerator.autocast():
-                        loss = objective.loss(aligner, batch, seed=loop.seed * 100_003 + step)
-                else:  # every image of this micro-batch was unreadable: keep the processes in step
-                    loss = sum(p.sum() for p in aligner.parameters()) * 0.0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(aligner.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            step_loss += loss.detach() / loop.gradient_accumulation_steps
-            seen += len(batch)
-        scheduler.step()
-        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        losses.append(step_loss)
-        done = step + 1
-        if done % loop.log_every == 0 or done == loop.max_steps:
-            rate = seen * world / (time.perf_counter() - clock)
-            bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{rate:.1f}")
-            accelerator.log({"loss": step_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}, step=done)
-        if accelerator.is_main_process:
-            if loop.checkpoint_every and done % loop.checkpoint_every == 0:
-                save_checkpoint(out, done, accelerator.unwrap_model(aligner), optimizer, scheduler,
-                                loop.keep_checkpoints)
-            if decoder is not None and loop.sample_every and done % loop.sample_every == 0:
-                write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder)
-        accelerator.wait_for_everyone()
+    seen, clock = 0, time.perf_counter()
+    with GracefulStop() as stop:
+        for step in bar:
+            indices = batch_indices(step, len(dataset), loop.batch_size, loop.seed)[rank::world]
+            step_loss = torch.zeros((), device=accelerator.device)
+            for chunk in range(loop.gradient_accumulation_steps):
+                batch = features.get(indices[chunk * micro:(chunk + 1) * micro])
+                with accelerator.accumulate(aligner):
+                    if batch:
+                        with accelerator.autocast():
+                            loss = objective.loss(aligner, batch, seed=loop.seed * 100_003 + step)
+                    else:  # every image of this micro-batch was unreadable: keep the processes in step
+                        loss = sum(p.sum() for p in aligner.parameters()) * 0.0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_(aligner.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                step_loss += loss.detach() / loop.gradient_accumulation_steps
+                seen += len(batch)
+            scheduler.step()
+            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            done = step + 1
+            if done % loop.log_every == 0 or done == loop.max_steps:
+                rate = seen * world / (time.perf_counter() - clock)
+                bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{rate:.1f}")
+                accelerator.log({"loss": step_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate},
+                                step=done)
+            interrupted = stop.should_stop(accelerator)
+            if accelerator.is_main_process:
+                with losses_path.open("a") as f:
+                    f.write(f"{step_loss:.6f}\n")
+                if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or interrupted:
+                    save_checkpoint(out, done, accelerator.unwrap_model(aligner), optimizer, scheduler,
+                                    loop.keep_checkpoints)
+                if decoder is not None and loop.sample_every > 0 and done % loop.sample_every == 0:
+                    write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder)
+            accelerator.wait_for_everyone()
+            if interrupted:
+                bar.close()
+                accelerator.end_training()
+                raise TrainingInterrupted(f"Interrupted: saved {checkpoint_dir(out, done)}; continue with the same "
+                                          "command and train.resume=latest.")
 
     final = out / "aligner"
     if accelerator.is_main_process:
         accelerator.unwrap_model(aligner).save_pretrained(final)
-        (out / "losses.txt").write_text("".join(f"{x:.6f}\n" for x in losses))
-        if decoder is not None:
+        if decoder is not None and loop.sample_every >= 0:
             write_sample(out, loop.max_steps, accelerator.unwrap_model(aligner), features, decoder)
         if len(getattr(dataset, "skipped", ())):
             logger.warning("%d unreadable samples were skipped", len(dataset.skipped))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return final
+
+
+def broadcast(accelerator, value):
+    """The main process's `value` on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def save_checkpoint(out: Path, step: int, aligner: Aligner, optimizer, scheduler, keep: int) -> Path:
+    final = checkpoint_dir(out, step)
+    with atomic_dir(final) as tmp:
+        aligner.save_pretrained(tmp / "aligner")
+        save_training_state(tmp, step, optimizer, scheduler)
+    prune_checkpoints(out, keep)
     return final
 
 
