@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     for image, path in zip(out.images, paths):
         image.save(path)
     save_json({"prompt": args.prompt, "images_in": args.image, "vlm_answer": out.text[0],
-               "output_token_ids": out.hidden_states[0].output_token_ids.tolist(), "seed": seed,
+               "output_token_ids": out.hidden_states[0].output_token_ids.tolist(), **out.settings,
                "images_out": [str(p) for p in paths], "config": to_dict(config),
                "timings_s": {"load": load_seconds, **out.timings}}, out_path.with_suffix(".json"))
     print(f"VLM answer: {out.text[0]!r}")

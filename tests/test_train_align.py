@@ -101,7 +101,7 @@ def test_diffusion_objective_learns(toy, cache, tiny, family):
 
 def test_diffusion_objective_in_the_loop(toy, cache, tmp_path):
     cfg = config(toy, tmp_path, "objective.name=diffusion", f"train.cache={cache}", "train.max_steps=3",
-                 "train.checkpoint_every=0", "decoder.family=sana", "decoder.model=tiny:sana", "decoder.pooled=zeros",
+                 "train.checkpoint_every=0", "decoder.family=sana", "decoder.model=tiny:sana", 
                  "data.image_size=32")
     train_aligner(cfg)
     assert len(losses(tmp_path)) == 3 and all(np.isfinite(losses(tmp_path)))

@@ -55,7 +55,10 @@ class DecoderConfig:
     model: str = "tiny:flux"
     dtype: str = "float32"
     device: str = "cpu"
-    pooled: str = "zeros"  # FLUX pooled vector: "zeros" or "empty_prompt" (CLIP of "", ThinkDiff's choice)
+    pooled: str | None = None  # pooled vector: None = the family's default (FLUX: empty_prompt, i.e. CLIP of "",
+    #                           ThinkDiff's choice; SD3: zeros; others have none). FLUX/SD3 also take "zeros".
+    offload: str = "none"  # none | model | sequential: diffusers' enable_model/sequential_cpu_offload (GPU only)
+    vae_tiling: bool = False  # decode the image in tiles (diffusers' vae.enable_tiling): less memory at large sizes
     height: int = 512
     width: int = 512
     num_inference_steps: int = 28

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ import yaml
 from PIL import Image
 
 from .aligner import Aligner, AlignerConfig
-from .config import InferenceConfig, load_config, to_dict, torch_dtype
-from .decoders import Decoder, decoder_class
+from .config import InferenceConfig, load_config, to_dict
+from .decoders import Decoder, load_decoder, pooled_mode
+from .memory_plan import plan_memory
 from .rng import generator
 from .vlm import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, make_engine, sampling_from
-from .weights import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ThinkDiffOutput:
     text: list[str]  # the VLM's answer per prompt
     hidden_states: list[HiddenStates]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: vlm, aligner, decoder
+    settings: dict = field(default_factory=dict)  # what was used: seed, num_inference_steps, height, width, guidance
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
@@ -71,16 +73,15 @@ class ThinkDiffPipeline:
         """Build every part from a config (an `InferenceConfig` or a YAML path)."""
         if not isinstance(config, InferenceConfig):
             config = load_config(InferenceConfig, config, overrides)
-        engine = make_engine(config.vlm)
-        decoder_cls = decoder_class(config.decoder.family)
-        keep = ("text_encoder", "tokenizer") if config.decoder.pooled == "empty_prompt" else ()
-        decoder = decoder_cls.from_pretrained(resolve_model(config.decoder.model, "decoder.model"),
-                                              dtype=torch_dtype(config.decoder.dtype),
-                                              device=config.decoder.device, keep_components=keep)
-        if config.decoder.pooled == "empty_prompt":
-            decoder.set_empty_prompt_pooled()
-        elif config.decoder.pooled != "zeros":
-            raise ValueError(f"decoder.pooled must be 'zeros' or 'empty_prompt', got {config.decoder.pooled!r}.")
+        pooled_mode(config.decoder)  # bad choices fail before anything loads
+        plan = plan_memory(config)
+        logger.info("%s", plan.describe())
+        plan.check()
+        vlm_config = config.vlm
+        if plan.vllm_utilization is not None and config.vlm.gpu_memory_utilization is None:
+            vlm_config = dataclasses.replace(config.vlm, gpu_memory_utilization=plan.vllm_utilization)
+        engine = make_engine(vlm_config)
+        decoder = load_decoder(config.decoder)
         if config.aligner.path:
             aligner = Aligner.from_pretrained(config.aligner.path)
         else:
@@ -141,6 +142,10 @@ class ThinkDiffPipeline:
         states = self.engine.generate(requests, [layer], SamplingConfig(**{**vars(self.sampling), "seed": seed}))
         timings["vlm"] = time.perf_counter() - start
 
+        guidance = next(g for g in (guidance_scale, dc.guidance_scale, self.decoder.default_guidance_scale)
+                        if g is not None)
+        settings = {"seed": seed, "num_inference_steps": num_inference_steps or dc.num_inference_steps,
+                    "height": height or dc.height, "width": width or dc.width, "guidance_scale": guidance}
         images_out, timings["aligner"], timings["decoder"] = [], 0.0, 0.0
         for i, hs in enumerate(states):
             start = time.perf_counter()
@@ -150,10 +155,9 @@ class ThinkDiffPipeline:
 
             start = time.perf_counter()
             images_out += self.decoder.generate(
-                cond, num_images_per_prompt=num_images, height=height or dc.height, width=width or dc.width,
-                num_inference_steps=num_inference_steps or dc.num_inference_steps,
-                guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale, seed=seed + i,
-                progress=progress)
+                cond, num_images_per_prompt=num_images, height=settings["height"], width=settings["width"],
+                num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                seed=seed + i, progress=progress)
             timings["decoder"] += time.perf_counter() - start
         return ThinkDiffOutput(images=images_out, text=[hs.text for hs in states], hidden_states=states,
-                               timings=timings)
+                               timings=timings, settings=settings)

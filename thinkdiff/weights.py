@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny import tiny_path
-
 
 class MissingWeightsError(FileNotFoundError):
     """The weights a config names are not on this machine."""
 
 
-def resolve_model(ref: str, config_key: str = "model") -> Path:
-    """`ref` -> a local folder. `ref` is `tiny:KIND`, a folder, or a Hugging Face repo id in the local cache."""
+def resolve_model(ref: str, config_key: str = "model", hint: str = "") -> Path:
+    """`ref` -> a local folder. `ref` is `tiny:KIND`, a folder, or a Hugging Face repo id in the local cache.
+    `hint`: extra `hf download` arguments for the error message (e.g. `--include` patterns of what is loaded)."""
     if ref.startswith("tiny:"):
+        from .tiny import tiny_path  # test models, built on first use
+
         return tiny_path(ref.split(":", 1)[1])
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -28,8 +29,10 @@ def resolve_model(ref: str, config_key: str = "model") -> Path:
     try:
         return Path(snapshot_download(ref, local_files_only=True))
     except Exception as err:  # huggingface_hub raises several types for "not in the cache"
+        name = ref.split("/")[1]
+        command = " ".join(filter(None, ["hf download", ref, hint, f"--local-dir /path/to/{name}"]))
         raise MissingWeightsError(
             f"{config_key}={ref!r}: these weights are not on this machine ({type(err).__name__}). Download them "
-            f"once with `huggingface-cli download {ref} --local-dir /path/to/{ref.split('/')[1]}` (gated repos need "
-            f"you to accept the license at https://huggingface.co/{ref} and `huggingface-cli login`), then set "
-            f"{config_key}=/path/to/{ref.split('/')[1]}, or keep the Hugging Face cache and retry.") from None
+            f"once with `{command}` (`hf` comes with huggingface_hub, in .venv/bin; gated repos need you to accept "
+            f"the license at https://huggingface.co/{ref} and `hf auth login`), then set "
+            f"{config_key}=/path/to/{name}, or keep the Hugging Face cache and retry.") from None

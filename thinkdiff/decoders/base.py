@@ -30,6 +30,16 @@ class Decoder:
     mask_required: bool = False
     default_guidance_scale: float = 1.0
     guidance_needs_negatives: bool = True  # guidance > 1 runs CFG, which needs negative conditioning
+    pooled_choices: tuple[str, ...] = ("none",)  # decoder.pooled values this family accepts
+    default_pooled: str = "none"
+    backbone: str = "transformer"  # the denoiser's component (SD1.5: unet)
+
+    @classmethod
+    def download_hint(cls, keep_components: tuple[str, ...] = ()) -> str:
+        """`hf download` arguments that fetch only the components we load (no text encoders we replace, no
+        single-file checkpoints)."""
+        folders = ("scheduler", cls.backbone, "vae", *keep_components)
+        return "--include model_index.json " + " ".join(f'"{f}/*"' for f in folders)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -67,7 +77,8 @@ class Decoder:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.device
+        """Where the pipeline computes (with CPU offload, the accelerator the parts visit, not where they rest)."""
+        return self.pipe._execution_device
 
     def make_conditioning(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> Conditioning:
         """Conditioning from aligner tokens [B, L, D] (+ mask [B, L]): adds the pooled vector, zero negatives."""

@@ -16,6 +16,8 @@ class FluxDecoder(Decoder):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_guidance_scale = 3.5
     guidance_needs_negatives = False
+    pooled_choices = ("empty_prompt", "zeros")
+    default_pooled = "empty_prompt"
 
     @property
     def conditioning_dim(self) -> int:
@@ -29,8 +31,9 @@ class FluxDecoder(Decoder):
     def set_empty_prompt_pooled(self) -> None:
         """Use CLIP's pooled embedding of "" (needs the pipeline's `text_encoder`), then drop the encoder."""
         if self.pipe.text_encoder is None or self.pipe.tokenizer is None:
-            raise ValueError("pooled='empty_prompt' needs FLUX's CLIP text encoder (text_encoder + tokenizer) in the "
-                             "checkpoint; use pooled='zeros' for checkpoints without it.")
+            raise ValueError("decoder.pooled=empty_prompt (FLUX's default) needs FLUX's CLIP text encoder "
+                             "(text_encoder/ and tokenizer/) in the checkpoint; use decoder.pooled=zeros for "
+                             "checkpoints without it.")
         self.null_pooled = self.pipe._get_clip_prompt_embeds(prompt="", device=self.device)[0].float().cpu()
         self.pipe.text_encoder, self.pipe.tokenizer = None, None
 

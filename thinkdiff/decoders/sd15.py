@@ -15,6 +15,7 @@ class SD15Decoder(Decoder):
     pipeline_class_name = "StableDiffusionPipeline"
     text_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
     default_guidance_scale = 7.5
+    backbone = "unet"
 
     @property
     def conditioning_dim(self) -> int:

@@ -13,6 +13,8 @@ class SD3Decoder(Decoder):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                        "tokenizer_3")
     default_guidance_scale = 7.0
+    pooled_choices = ("zeros",)
+    default_pooled = "zeros"
 
     @property
     def conditioning_dim(self) -> int:

@@ -14,6 +14,8 @@ does not depend on how samples were batched or resumed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import random
 import time
@@ -175,8 +177,7 @@ class TextBridgeMethod(_VLMMethod):
     @classmethod
     def from_config(cls, config) -> "TextBridgeMethod":
         """From an `InferenceConfig`: its VLM, and its decoder loaded *with* its text encoders."""
-        from ..config import torch_dtype
-        from ..decoders import decoder_class
+        from ..decoders import decoder_class, load_decoder
         from ..vlm import make_engine, sampling_from
         from ..weights import resolve_model
 
@@ -192,8 +193,8 @@ class TextBridgeMethod(_VLMMethod):
                 f"with its text encoders (e.g. the full black-forest-labs/FLUX.1-dev, whose text_encoder_2 is "
                 f"T5-XXL), or the thinkdiff method.")
         keep = tuple(n for n in decoder_cls.text_components if n in present)
-        decoder = decoder_cls.from_pretrained(path, dtype=torch_dtype(config.decoder.dtype),
-                                              device=config.decoder.device, keep_components=keep)
+        decoder = load_decoder(dataclasses.replace(config.decoder, pooled="zeros" if decoder_cls.pooled_choices !=
+                                                   ("none",) else "none"), keep_components=keep)
         return cls(make_engine(config.vlm), decoder, sampling_from(config.vlm), config.vlm.system, config.seed,
                    config.decoder.height, config.decoder.width, config.decoder.num_inference_steps,
                    config.decoder.guidance_scale)

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..aligner import Aligner, AlignerConfig
-from ..config import AlignTrainConfig, DecoderConfig, OptimConfig, torch_dtype
+from ..decoders import load_decoder
+from ..config import AlignTrainConfig, OptimConfig
 from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
@@ -57,19 +58,6 @@ def batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> li
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
     return order[position * batch_size:(position + 1) * batch_size].tolist()
-
-
-def load_decoder(config: DecoderConfig):
-    from ..decoders import decoder_class
-
-    decoder_cls = decoder_class(config.family)
-    keep = ("text_encoder", "tokenizer") if config.pooled == "empty_prompt" else ()
-    decoder = decoder_cls.from_pretrained(resolve_model(config.model, "decoder.model"),
-                                          dtype=torch_dtype(config.dtype), device=config.device,
-                                          keep_components=keep)
-    if config.pooled == "empty_prompt":
-        decoder.set_empty_prompt_pooled()
-    return decoder
 
 
 def build_features(cfg: AlignTrainConfig, dataset: ImageCaptionDataset):

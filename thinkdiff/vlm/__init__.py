@@ -34,7 +34,8 @@ def make_engine(config) -> HiddenStateEngine:
         return VLLMEngine(path, dtype=dtype, max_images=config.max_images, max_model_len=config.max_model_len,
                           max_num_batched_tokens=config.max_num_batched_tokens, max_new_tokens=config.max_new_tokens,
                           gpu_memory_utilization=config.gpu_memory_utilization,
-                          tensor_parallel_size=config.tensor_parallel_size, kv_cache_gib=config.kv_cache_gib)
+                          tensor_parallel_size=config.tensor_parallel_size, kv_cache_gib=config.kv_cache_gib,
+                          device=None if config.device == "cpu" else config.device)
     from .transformers_engine import TransformersEngine
 
     return TransformersEngine(path, dtype=dtype, device=config.device, max_images=config.max_images)

@@ -40,6 +40,7 @@ layers of vLLM's Transformers backend are called as `layer(hidden_states [1, T, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -108,17 +109,45 @@ def engine_limits(hf_config, family: str, max_images: int, max_new_tokens: int, 
     return {"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}
 
 
+def device_environment(device: str | None, visible: str | None) -> dict[str, str]:
+    """Environment for a vLLM engine that must run on `device` (e.g. "cuda:1"): vLLM's single-GPU worker always
+    takes the first visible GPU, so the engine core runs in its own process that sees only that GPU. `visible`:
+    this process's CUDA_VISIBLE_DEVICES. Empty for the default device."""
+    if device is None or torch.device(device).type != "cuda" or not torch.device(device).index:
+        return {}
+    index = torch.device(device).index
+    ids = visible.split(",") if visible else [str(i) for i in range(index + 1)]
+    if index >= len(ids):
+        raise ValueError(f"vlm.device={device}: only {len(ids)} GPUs are visible (CUDA_VISIBLE_DEVICES={visible}).")
+    return {"CUDA_VISIBLE_DEVICES": ids[index], "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class VLLMEngine(HiddenStateEngine):
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, max_images: int | None = None,
                  batch_size: int | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_new_tokens: int = 128,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-                 kv_cache_gib: float | None = None, seed: int = 0, **llm_kwargs):
+                 kv_cache_gib: float | None = None, device: str | None = None, seed: int = 0, **llm_kwargs):
         """`batch_size`: the most sequences vLLM runs at once (`max_num_seqs`; vLLM's default when None).
         `max_model_len` / `max_num_batched_tokens`: derived from the model and `max_new_tokens` when None (see
         `engine_limits`). `gpu_memory_utilization`: the share of the GPU vLLM takes (vLLM's 0.9 when None).
         `kv_cache_gib`: the KV cache size (CPU: VLLM_CPU_KVCACHE_SPACE, default 1; GPU: instead of
-        gpu_memory_utilization). `llm_kwargs` go to `vllm.LLM` and override the engine's choices."""
+        gpu_memory_utilization). `device`: a GPU other than the first runs the engine core in its own process
+        (`device_environment`). `llm_kwargs` go to `vllm.LLM` and override the engine's choices."""
         _set_vllm_env(kv_cache_gib)
         import vllm
         from transformers import AutoConfig
@@ -183,7 +212,8 @@ class VLLMEngine(HiddenStateEngine):
                 raise ImportError("vLLM's Qwen2-VL needs torchvision (a CPU or CUDA build matching torch); use the "
                                   "transformers backend without it.") from None
         kwargs.update(llm_kwargs)
-        self.llm = vllm.LLM(model=self.model_path, **kwargs)
+        with _environment(device_environment(device, os.environ.get("CUDA_VISIBLE_DEVICES"))):
+            self.llm = vllm.LLM(model=self.model_path, **kwargs)
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
 
