@@ -361,7 +361,7 @@ def test_end_to_end_tiny_models_and_resume(mini, tmp_path, capsys):
         assert (run / r["image_path"]).is_file() and r["image_path"].endswith(f"{r['save_path']}.jpg")
         assert r["judge"] == "engine:transformers:tiny:mllama" and r["prompt_detail"].startswith("What is the")
         assert isinstance(r["vlm_text"], str) and r["response_detail"] is not None
-        assert r["prompt"].count("<image>") == r["shot"] and r["system"] == "You are a helpful assistant."
+        assert r["prompt"].count("<image>") == r["shot"] and r["system"] is None
         assert r["t_vlm_s"] > 0 and r["t_decoder_s"] > 0 and r["t_judge_s"] > 0
     with Image.open(run / records[0]["image_path"]) as im:
         assert im.size == (64, 64) and im.format == "JPEG"
@@ -442,3 +442,26 @@ def test_transformers_judge_uses_llava_v1_conversation(tmp_path):
     answers = ask_many(judge, [(images[0], q), (images[1], q)])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert judge.ask(images[1], q) == answers[1]
+
+
+class Broken(Method):
+    name = "broken"
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, samples, prompts):
+        self.calls += len(samples)
+        raise ValueError("Prompting with images is incompatible with system messages.")
+
+
+def test_a_run_where_most_samples_fail_stops_with_the_first_error(mini, tmp_path):
+    from thinkdiff.eval.harness import EvalFailed
+
+    cfg = make_config(mini, "cobsat.method=oracle", "judge.kind=oracle", "cobsat.n=8", "cobsat.tasks=[1, 2]",
+                      "cobsat.shots=[2]", "cobsat.batch_size=2")
+    method = Broken()
+    with pytest.raises(EvalFailed, match="2 of the first 2 samples failed.*incompatible with system messages"):
+        run_cobsat(cfg, tmp_path / "run", method=method, judge=OracleJudge(mini), progress=False)
+    assert method.calls == 2 + 2  # the first batch, then its samples one by one; nothing after it
+    assert len(load_records(tmp_path / "run" / "records.jsonl")) == 2

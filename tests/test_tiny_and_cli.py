@@ -84,3 +84,38 @@ def test_extract_errors(tmp_path, capsys):
                  str(tmp_path / "no.png"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_tiny_mllama_carries_llama32_visions_template_and_ids(tiny, engine, image):
+    """The published Llama-3.2-11B-Vision-Instruct template, verbatim, with its real special-token ids, so the
+    template's system block and its refusal of a system message next to images show up in tests."""
+    import hashlib
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from thinkdiff.config import VLMConfig
+    from thinkdiff.tiny import llama32_vision_chat_template
+    from thinkdiff.vlm import VLMRequest, make_engine
+
+    template = llama32_vision_chat_template()
+    assert hashlib.sha256(template.encode()).hexdigest() == (
+        "e407323269d15bba92fc431b5b7d757e66d920d01b45cae58149a692d7697d3c")
+    mllama = engine("mllama")
+    assert mllama.processor.chat_template == template
+    ids = {t: mllama.tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|begin_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>", "<|eot_id|>", "<|image|>")}
+    assert ids == {"<|begin_of_text|>": 128000, "<|finetune_right_pad_id|>": 128004, "<|start_header_id|>": 128006,
+                   "<|eot_id|>": 128009, "<|image|>": 128256}
+    assert GenerationConfig.from_pretrained(tiny("mllama")).eos_token_id == [128001, 128008, 128009]
+    config = AutoConfig.from_pretrained(tiny("mllama"))
+    assert config.vision_config.image_size == 560 and config.vision_config.max_num_tiles == 4
+    text_only = mllama.chat_text(VLMRequest("Describe a cat.", system="Be brief."))
+    assert text_only.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
+                                "Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>")
+    with_image = mllama.chat_text(VLMRequest("Describe <image> this.", [image]))
+    assert with_image == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nDescribe <|image|> this."
+                          "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(ValueError, match="refuses a system message next to images"):
+        mllama.generate([VLMRequest("Describe it.", [image], system="Be brief.")], [])
+    with pytest.raises(ValueError, match="vlm.system is set for tiny:mllama.*refuses"):  # before any model loads
+        make_engine(VLMConfig(model="tiny:mllama", system="Be brief."))

@@ -283,3 +283,26 @@ def test_train_script_reports_bad_input(tmp_path):
               "train.colour=red")
     assert bad.returncode == 2 and "error: " in bad.stderr and "colour" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_t5_proxy_loads_only_its_decoder_and_matches_the_full_model(tiny):
+    """The proxy keeps the decoder, LM head, shared embedding and the encoder's final norm: same logits as the full
+    model given the same encoder states; in bf16 when asked."""
+    from transformers import T5ForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from thinkdiff.train.objectives import load_t5_decoder
+
+    full = T5ForConditionalGeneration.from_pretrained(tiny("t5")).eval()
+    proxy, norm = load_t5_decoder(tiny("t5"))
+    assert proxy.encoder is None and torch.equal(norm, full.encoder.final_layer_norm.weight)
+    kept = sum(p.numel() for p in proxy.parameters())
+    assert kept == sum(p.numel() for n, p in full.named_parameters() if not n.startswith("encoder."))
+    states = torch.randn(2, 5, full.config.d_model, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]])
+    with torch.no_grad():
+        want = full(encoder_outputs=BaseModelOutput(last_hidden_state=states), labels=labels).logits
+        got = proxy(encoder_outputs=BaseModelOutput(last_hidden_state=states), labels=labels).logits
+    assert torch.equal(want, got)
+    bf16, _ = load_t5_decoder(tiny("t5"), dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}

@@ -158,6 +158,7 @@ class ObjectiveConfig:
     name: str = "t5_decoder"  # t5_decoder | diffusion | regression
     t5_model: str = "tiny:t5"  # t5_decoder: frozen T5 whose decoder reads the aligned tokens (ThinkDiff: flan-t5-xxl)
     max_split: int = 128  # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
+    t5_dtype: str | None = None  # t5_decoder: the frozen T5's dtype; None = bfloat16 on a GPU, float32 on the CPU
     text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
     max_target_tokens: int = 128
     vlm_tokenizer: str | None = None  # where the VLM's tokenizer is (default: vlm.model; set it for backend remote)

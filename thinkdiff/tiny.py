@@ -24,7 +24,7 @@ DECODER_KINDS = ("flux", "sd3", "sd15", "sana", "qwenimage")
 KINDS = VLM_KINDS + TEXT_ENCODER_KINDS + DECODER_KINDS
 
 # Bumped whenever a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = 4
+TINY_VERSION = 5
 
 _CORPUS = [
     "Create an image of a red apple on a wooden table in soft morning light.",
@@ -65,6 +65,9 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Mllama tile side in pixels (Llama-3.2-Vision: 560; 1600 patches of 14 px + 1 class token per tile).
+MLLAMA_TILE = 560
+
 # Text backbone shared by the three VLM kinds: 4 layers, hidden 128, 4 heads of 32 (2 KV heads).
 _TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -97,14 +100,15 @@ def _distributed_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: bool = True) -> Path:
+def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: bool = True, **options) -> Path:
     """Build a tiny random model of `kind` and save it to `out_dir` (written to a temp dir, then renamed; an
-    existing `out_dir` is replaced unless `replace=False`)."""
+    existing `out_dir` is replaced unless `replace=False`). `options` go to the builder (mllama: `tile`, the tile
+    side in pixels, default MLLAMA_TILE)."""
     _check_kind(kind)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, replace=replace) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # transformers and diffusers initialise from the global RNG; restored on exit
-        _BUILDERS[kind](tmp)
+        _BUILDERS[kind](tmp, **options)
         (tmp / ".complete").write_text(f"thinkdiff tiny {kind} v{TINY_VERSION} seed {seed}\n")
     return out_dir
 
@@ -140,6 +144,45 @@ def _llama_tokenizer(image_token: bool = False):
     return tok
 
 
+# Llama-3.2-11B-Vision-Instruct's special tokens at their real ids (128000..128255, then <|image|> = 128256).
+LLAMA32_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                     "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                    + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+LLAMA32_FIRST_SPECIAL = 128000
+LLAMA32_EOS_IDS = [128001, 128008, 128009]  # generation_config.json's eos_token_id
+LLAMA32_PAD_ID = 128004
+
+
+def llama32_vision_chat_template() -> str:
+    """Llama-3.2-11B-Vision-Instruct's published chat template, verbatim (its system block with "Cutting Knowledge
+    Date", its refusal of a system message next to images). Source: the chat_template of
+    meta-llama/Llama-3.2-11B-Vision-Instruct on the Hugging Face Hub, as copied in the Jinja test suite of
+    maiqingqiang/Jinja (Tests/JinjaTests/ChatTemplateTests.swift, `llama3_2visionChatTemplate`) and in NVIDIA
+    NeMo's MLlamaTemplateConfig; sha256 e4073232...7d3c of the text."""
+    return (Path(__file__).parent / "chat_templates" / "llama32_vision_instruct.jinja").read_text()
+
+
+def _llama32_vision_tokenizer():
+    """Byte-level BPE on the small corpus, padded with never-produced filler entries to 128000 ids, then Llama-3's
+    256 special tokens at their real ids and <|image|> at 128256, with the real chat template."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = json.loads(_bpe_tokenizer([]).backend_tokenizer.to_str())
+    vocab = base["model"]["vocab"]
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), LLAMA32_FIRST_SPECIAL)})
+    tok = Tokenizer.from_str(json.dumps(base))
+    tok.add_special_tokens(LLAMA32_SPECIALS + ["<|image|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=131072, bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    fast.chat_template = llama32_vision_chat_template()
+    assert fast.convert_tokens_to_ids("<|image|>") == 128256 and fast.pad_token_id == LLAMA32_PAD_ID
+    return fast
+
+
 def _qwen_tokenizer():
     tok = _bpe_tokenizer(_QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = QWEN_CHAT_TEMPLATE
@@ -173,27 +216,32 @@ def _build_llama(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _build_mllama(out: Path) -> None:
+def _build_mllama(out: Path, tile: int = MLLAMA_TILE) -> None:
+    """Llama-3.2-11B-Vision-Instruct's interfaces (tokenizer ids, chat template, eos/pad ids, 4 tiles of `tile`
+    px) on a 4-layer, 128-wide text model and a 64-wide vision tower."""
     from transformers import (GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor)
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    tok = _llama_tokenizer(image_token=True)
+    tok = _llama32_vision_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<|image|>")
-    assert image_token_id == len(tok) - 1
     # vocab_size excludes <|image|> (= vocab_size); transformers' embedding table has vocab_size + 8 rows.
-    text = dict(_TEXT, vocab_size=image_token_id, cross_attention_layers=[1], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
+    text = dict(_TEXT, vocab_size=image_token_id, cross_attention_layers=[1], bos_token_id=tok.bos_token_id,
+                eos_token_id=LLAMA32_EOS_IDS, pad_token_id=LLAMA32_PAD_ID)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
-                  attention_heads=2, vision_output_dim=192, intermediate_layers_indices=[0, 1], image_size=28,
-                  patch_size=14, max_num_tiles=4, num_channels=3)
+                  attention_heads=2, vision_output_dim=192, intermediate_layers_indices=[0, 1],
+                  image_size=tile, patch_size=14, max_num_tiles=4, num_channels=3)
     config = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id)
     model = MllamaForConditionalGeneration(config)
     _randomize(model)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
+    unused = [i for t, i in tok.get_vocab().items() if t.startswith(("<|filler_", "<|reserved_special_token_"))]
+    with torch.no_grad():  # fillers and reserved tokens are never trained: zero logits, like a real model's
+        model.lm_head.weight[unused] = 0.0
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=LLAMA32_EOS_IDS,
+                                               pad_token_id=LLAMA32_PAD_ID)
     model.save_pretrained(out)
-    image_processor = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4)
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA_CHAT_TEMPLATE)
+    image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok,
+                                chat_template=llama32_vision_chat_template())
     processor.save_pretrained(out)
 
 

@@ -8,7 +8,7 @@ import sys
 def cmd_eval_cobsat(args) -> int:
     from ..config import apply_overrides, from_dict
     from .config import CobsatEvalConfig
-    from .harness import run_cobsat
+    from .harness import EvalFailed, run_cobsat
     import yaml
 
     with open(args.config) as f:
@@ -23,7 +23,12 @@ def cmd_eval_cobsat(args) -> int:
     if args.no_sheets:
         cli.append("cobsat.sheets=false")
     config = from_dict(CobsatEvalConfig, apply_overrides(data, cli + list(args.overrides)))
-    result = run_cobsat(config, args.out, progress=not args.quiet)
+    try:
+        result = run_cobsat(config, args.out, progress=not args.quiet)
+    except EvalFailed as err:
+        print(f"error: {err}\nThe records so far are in {args.out}; fix the cause and re-run the same command "
+              "(failed samples are retried).", file=sys.stderr)
+        return 1
     from .summary import markdown
 
     print(markdown(result["summary"], config.cobsat.method))

@@ -253,7 +253,6 @@ THINKDIFF_INSTRUCTION = (
     "I give you several words and pictures. First, please analyse what the next picture is. Then give me a detailed "
     "diffusion prompt to describe the next picture. Please only provide me the detailed prompt and start the answer "
     "with 'Create an image'.\n\n")
-THINKDIFF_SYSTEM = "You are a helpful assistant."
 FORMATTERS = ("thinkdiff", "cobsat")
 
 

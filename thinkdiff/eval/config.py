@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AlignerSection, DecoderConfig, InferenceConfig, VLMConfig
-from .cobsat import NUM_PROMPTS, THINKDIFF_SYSTEM
+from .cobsat import NUM_PROMPTS
 
 METHODS = ("thinkdiff", "text-bridge", "oracle", "random")
 JUDGE_KINDS = ("engine", "transformers", "oracle")
@@ -51,7 +51,9 @@ class JudgeConfig:
 
 @dataclass
 class CobsatEvalConfig:
-    vlm: VLMConfig = field(default_factory=lambda: VLMConfig(system=THINKDIFF_SYSTEM))
+    # No system message by default: Qwen2-VL's template adds ThinkDiff's "You are a helpful assistant." itself, and
+    # Llama-3.2-Vision's refuses one next to images.
+    vlm: VLMConfig = field(default_factory=VLMConfig)
     aligner: AlignerSection = field(default_factory=AlignerSection)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     seed: int = 42  # ThinkDiff re-seeds every image with run.seed (42)

@@ -171,7 +171,8 @@ class CobsatRun:
                 pending = [s for s in build_samples(self.root, task_id, shot, c.n, self.lists) if s.key not in done]
                 work += [pending[i:i + c.batch_size] for i in range(0, len(pending), c.batch_size)]
         total = sum(len(b) for b in work)
-        stats = {"samples": 0, "correct": 0, "load_s": 0.0, "wall_s": 0.0, **{f"{s}_s": 0.0 for s in STAGES}}
+        stats = {"samples": 0, "correct": 0, "failed": 0, "first_error": None, "load_s": 0.0, "wall_s": 0.0,
+                 **{f"{s}_s": 0.0 for s in STAGES}}
         if total:
             start = time.perf_counter()
             self.method, self.judge  # noqa: B018 - load both now, so a bad config fails before any sample
@@ -186,6 +187,14 @@ class CobsatRun:
                     records += new
                     stats["samples"] += len(new)
                     stats["correct"] += sum(r["correct"] for r in new)
+                    failed = [r["error"] for r in new if r.get("error")]
+                    stats["failed"] += len(failed)
+                    stats["first_error"] = stats["first_error"] or (failed[0] if failed else None)
+                    if stats["failed"] * 2 > stats["samples"]:  # most samples fail: a setup problem, stop now
+                        stats["wall_s"] = time.perf_counter() - start
+                        self.finish(records, stats)
+                        raise EvalFailed(f"{stats['failed']} of the first {stats['samples']} samples failed; the "
+                                         f"first error: {stats['first_error']}")
                     for r in new:
                         for s in STAGES:
                             stats[f"{s}_s"] += r.get(f"t_{s}_s") or 0.0
@@ -327,6 +336,10 @@ class CobsatRun:
             **{f"t_{stage}_s": g.timings.get(stage, 0.0) for stage in ("vlm", "aligner", "decoder")},
             "t_judge_s": judge_s, "error": error, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+class EvalFailed(RuntimeError):
+    """Most samples of a run failed (a setup problem, not a score); the message carries the first error."""
 
 
 def run_cobsat(config: CobsatEvalConfig, out_dir: str | Path, method: Method | None = None,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..aligner import Aligner, AlignerConfig
 from ..decoders import load_decoder
-from ..config import AlignTrainConfig, OptimConfig
+from ..config import AlignTrainConfig, OptimConfig, torch_dtype
 from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
@@ -88,8 +88,10 @@ def build_objective(cfg: AlignTrainConfig, dataset: ImageCaptionDataset, decoder
         raise ValueError("With vlm.backend=remote, set objective.vlm_tokenizer to a folder with the VLM's tokenizer.")
     vlm_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(tokenizer_ref, "objective.vlm_tokenizer")))
     if name == "t5_decoder":
+        dtype = cfg.objective.t5_dtype or ("float32" if torch.device(device).type == "cpu" else "bfloat16")
         return T5DecoderObjective(resolve_model(cfg.objective.t5_model, "objective.t5_model"), vlm_tokenizer,
-                                  cfg.objective.max_split, cfg.objective.max_target_tokens, device)
+                                  cfg.objective.max_split, cfg.objective.max_target_tokens, device,
+                                  dtype=torch_dtype(dtype))
     return RegressionObjective(resolve_model(cfg.objective.text_encoder, "objective.text_encoder"), vlm_tokenizer,
                                cfg.objective.max_target_tokens, device)
 

@@ -45,14 +45,55 @@ def pad_states(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.
     return batch, mask
 
 
+def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A frozen `T5ForConditionalGeneration` without its encoder (ThinkDiff's proxy: the aligner's tokens replace
+    the encoder's output) and the encoder's final-norm weight [D]. Only the decoder, the LM head, the shared
+    embedding and that norm are read from the checkpoint, in `dtype`: for flan-t5-xxl ~6.6B of 11.3B weights
+    (13 GB in bf16 instead of 23)."""
+    import json
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    if not all((path / f).is_file() for f in files):
+        raise FileNotFoundError(f"No safetensors weights in {path} (objective.t5_model); thinkdiff reads T5 from "
+                                "model.safetensors or model-*-of-*.safetensors shards.")
+    with init_empty_weights():
+        t5 = T5ForConditionalGeneration(T5Config.from_pretrained(str(path)))
+    wanted = {name for name, _ in t5.named_parameters() if not name.startswith("encoder.")}
+    norm_key = "encoder.final_layer_norm.weight"
+    norm = None
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                if key == norm_key:
+                    norm = f.get_tensor(key).float()
+                elif key in wanted:
+                    set_module_tensor_to_device(t5, key, device, value=f.get_tensor(key), dtype=dtype)
+                    wanted.discard(key)
+    t5.tie_weights()  # the decoder's embedding (and the LM head, when tied) share the loaded `shared` weight
+    t5.encoder = None  # never materialised: the aligner's tokens replace its output
+    wanted = {n for n, p in t5.named_parameters() if p.device.type == "meta"}
+    if wanted or norm is None:
+        missing = sorted(wanted) + ([] if norm is not None else [norm_key])
+        raise ValueError(f"The T5 checkpoint at {path} lacks {missing[:3]} (objective.t5_model must be a T5 "
+                         "encoder-decoder such as google/flan-t5-xxl).")
+    return t5.eval().requires_grad_(False), norm
+
+
 class T5DecoderObjective:
     def __init__(self, t5_path, vlm_tokenizer, max_split: int = 128, max_target_tokens: int = 128,
-                 device="cpu"):
-        from transformers import AutoTokenizer, T5ForConditionalGeneration
+                 device="cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoTokenizer
 
-        t5 = T5ForConditionalGeneration.from_pretrained(str(t5_path)).to(device).eval().requires_grad_(False)
-        self.encoder_norm_weight = t5.encoder.final_layer_norm.weight.detach().clone()
-        t5.encoder = None  # only the decoder and LM head are used, as in ThinkDiff
+        t5, self.encoder_norm_weight = load_t5_decoder(t5_path, dtype, device)
         self.t5, self.t5_tokenizer = t5, AutoTokenizer.from_pretrained(str(t5_path))
         self.vlm_tokenizer, self.max_split, self.max_target = vlm_tokenizer, max_split, max_target_tokens
         self.output_dim, self.device = t5.config.d_model, torch.device(device)

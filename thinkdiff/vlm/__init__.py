@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from .engine import IMAGE_MARKER, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
+from .engine import IMAGE_MARKER, MLLAMA_SYSTEM_ERROR, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
 BACKENDS = ("transformers", "vllm", "remote")
 
@@ -27,6 +27,7 @@ def make_engine(config) -> HiddenStateEngine:
 
         return RemoteEngine(config.model)
     path = resolve_model(config.model, "vlm.model")
+    check_system_prompt(config, path)
     dtype = torch_dtype(config.dtype)
     if config.backend == "vllm":
         from .vllm_engine import VLLMEngine
@@ -39,6 +40,15 @@ def make_engine(config) -> HiddenStateEngine:
     from .transformers_engine import TransformersEngine
 
     return TransformersEngine(path, dtype=dtype, device=config.device, max_images=config.max_images)
+
+
+def check_system_prompt(config, path) -> None:
+    """Mllama refuses a system message next to images: reject `vlm.system` before the model loads (text-only use,
+    `vlm.max_images=0`, may keep it)."""
+    from transformers import AutoConfig
+
+    if config.system and config.max_images != 0 and AutoConfig.from_pretrained(str(path)).model_type == "mllama":
+        raise ValueError(f"vlm.system is set for {config.model}: {MLLAMA_SYSTEM_ERROR}")
 
 
 def sampling_from(config) -> SamplingConfig:

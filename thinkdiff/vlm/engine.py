@@ -23,6 +23,16 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+# Passed to every chat template. Llama-3's templates print "Today Date: <date_string>" (today's date by default) in
+# the system block, so a prompt, and every hidden state, would change with the calendar; this is the templates' own
+# fallback date. Templates that do not use it ignore it.
+CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
+MLLAMA_SYSTEM_ERROR = ("Llama-3.2-Vision's chat template refuses a system message next to images (\"Prompting with "
+                       "images is incompatible with system messages\": the model was not tuned with both). Put the "
+                       "instruction into the prompt and leave vlm.system unset, or use the model without images "
+                       "(vlm.max_images=0).")
+
 IMAGE_MARKER = "<image>"
 """Where an image goes inside a prompt. Without markers, all images come before the text."""
 
@@ -156,6 +166,8 @@ class HiddenStateEngine(abc.ABC):
         if not requests:
             raise ValueError("No requests given.")
         for i, request in enumerate(requests):
+            if getattr(self, "family", None) == "mllama" and request.system and request.images:
+                raise ValueError(f"Request {i}: {MLLAMA_SYSTEM_ERROR}")
             if self.max_images is not None and len(request.images) > self.max_images:
                 raise ValueError(f"Request {i} has {len(request.images)} images but this model supports at most "
                                  f"{self.max_images} per request.")

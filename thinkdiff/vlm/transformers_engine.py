@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..rng import generator
-from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, answer_sentinel, end_token_ids
+from .engine import (CHAT_TEMPLATE_KWARGS, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest,
+                     answer_sentinel, end_token_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class TransformersEngine(HiddenStateEngine):
 
     def chat_text(self, request: VLMRequest) -> str:
         return self.processor.apply_chat_template(request.chat_messages(), tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
 
     def encode(self, requests: list[VLMRequest]):
         """Processor outputs for a batch (left-padded), on the engine's device."""

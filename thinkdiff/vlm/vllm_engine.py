@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from ..rng import derive_seed
-from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, answer_sentinel, end_token_ids
+from .engine import (CHAT_TEMPLATE_KWARGS, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest,
+                     answer_sentinel, end_token_ids)
 from .transformers_engine import _load_processor, model_family
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,8 @@ class VLLMEngine(HiddenStateEngine):
 
     def prompt_ids(self, request: VLMRequest) -> list[int]:
         """The prompt's token ids, as the transformers engine's processor makes them (one <|image|> per image)."""
-        text = self.processor.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True,
+                                                  **CHAT_TEMPLATE_KWARGS)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def update_weights(self, model: torch.nn.Module) -> None:
