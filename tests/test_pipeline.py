@@ -87,8 +87,16 @@ def test_bad_inputs(pipe, tmp_path):
 
 def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download meta-llama/Llama-3.2-11B-Vision"):
+    with pytest.raises(MissingWeightsError, match="`hf download meta-llama/Llama-3.2-11B-Vision-Instruct --local-dir"):
         resolve_model("meta-llama/Llama-3.2-11B-Vision-Instruct", "vlm.model")
+    from thinkdiff.config import DecoderConfig
+    from thinkdiff.decoders import load_decoder
+
+    # Only what ThinkDiff's FLUX loads: no T5-XXL (text_encoder_2), no single-file checkpoint.
+    with pytest.raises(MissingWeightsError, match=r'hf download black-forest-labs/FLUX.1-dev --include '
+                                                  r'model_index.json "scheduler/\*" "transformer/\*" "vae/\*" '
+                                                  r'"text_encoder/\*" "tokenizer/\*" --local-dir'):
+        load_decoder(DecoderConfig(model="black-forest-labs/FLUX.1-dev"))
     with pytest.raises(MissingWeightsError, match="no such folder"):
         resolve_model(str(tmp_path / "nothing"), "decoder.model")
 
@@ -117,6 +125,9 @@ def test_infer_writes_png_and_sidecar(tmp_path, image):
         assert im.format == "PNG" and im.size == (48, 64)
     sidecar = json.loads((tmp_path / "o" / "x.json").read_text())
     assert sidecar["seed"] == 3 and len(sidecar["output_token_ids"]) == 3
+    # What was used (the command line's values), not the config's (8 steps, 128 x 128, guidance None).
+    assert (sidecar["num_inference_steps"], sidecar["height"], sidecar["width"]) == (2, 64, 48)
+    assert sidecar["guidance_scale"] == 3.5 and sidecar["config"]["decoder"]["num_inference_steps"] == 8
     assert sidecar["images_in"] == [str(tmp_path / "in.png")]
     assert set(sidecar["timings_s"]) == {"load", "vlm", "aligner", "decoder"}
     assert sidecar["config"]["decoder"]["family"] == "flux"
@@ -129,3 +140,28 @@ def test_infer_reports_bad_input(tmp_path):
     assert not (tmp_path / "x.png").exists()
     result = run_infer("--out", str(tmp_path / "x.png"), "decoder.colour=red", cwd=tmp_path)
     assert result.returncode == 2 and "Unknown config key decoder.'colour'" in result.stderr
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd15", "sana", "qwenimage", "sd15-folder"])
+def test_every_decoder_family_runs_with_its_defaults(family, tmp_path, monkeypatch):
+    """`infer.py decoder.family=F decoder.model=tiny:F` (and a `make-tiny --kind sd15` folder) with no other
+    setting: each family's pooled default applies (SD3 zeros; none for the others)."""
+    import importlib.util
+
+    from thinkdiff.__main__ import main as thinkdiff_main
+
+    model = f"tiny:{family}"
+    if family == "sd15-folder":
+        family, model = "sd15", str(tmp_path / "my-sd15")
+        assert thinkdiff_main(["make-tiny", model, "--kind", "sd15"]) == 0
+    spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    out = tmp_path / "x.png"
+    assert infer.main(["--out", str(out), "--steps", "2", "--height", "64", "--width", "64", "vlm.max_new_tokens=3",
+                       "vlm.min_new_tokens=3", f"decoder.family={family}", f"decoder.model={model}"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+    with pytest.raises(ValueError, match="decoder.pooled='empty_prompt' does not apply to"):
+        infer.main(["--out", str(out), f"decoder.family={family}", f"decoder.model={model}",
+                    "decoder.pooled=empty_prompt"])

@@ -1,5 +1,5 @@
 """`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve,
-eval-cobsat, make-mini-cobsat."""
+eval-cobsat, make-mini-cobsat, convert-thinkdiff."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def cmd_extract(args) -> int:
     print(states.text)
     print(f"Wrote {args.out}: layers {sorted(states.input_embed)}, prompt {len(states.prompt_token_ids)} tokens, "
           f"answer {len(states.output_token_ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_convert_thinkdiff(args) -> int:
+    from .convert_thinkdiff import CLIP_WIDTH, convert
+
+    out = convert(args.checkpoint, args.out_dir, vlm=args.vlm, decoder=args.decoder)
+    if (out / "thinkdiff.yaml").is_file():
+        print(f"Wrote {out} (aligner/ + thinkdiff.yaml); load it with ThinkDiffPipeline.from_pretrained({str(out)!r}) "
+              f"or `python infer.py --config {out / 'thinkdiff.yaml'} aligner.path={out / 'aligner'}`")
+    else:
+        print(f"Wrote {out / 'aligner'} (ThinkDiff-CLIP's {CLIP_WIDTH} -> 4096 aligner; its image path is not built "
+              "in thinkdiff, see the README)")
     return 0
 
 
@@ -110,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("convert-thinkdiff", help="convert ThinkDiff's released .pth checkpoint into a pipeline folder",
+                       description="Reads thinkdiff_lvlm.pth / thinkdiff_clip.pth (Hugging Face repo "
+                                   "Mifucius/ThinkDiff) with torch.load(weights_only=True), finds the aligner by its "
+                                   "shapes, and writes OUT_DIR/aligner (safetensors) + OUT_DIR/thinkdiff.yaml with "
+                                   "ThinkDiff's inference settings.")
+    p.add_argument("checkpoint", help="the released .pth file")
+    p.add_argument("out_dir")
+    p.add_argument("--vlm", default=None, help="VLM model reference (default: Qwen/Qwen2-VL-7B-Instruct)")
+    p.add_argument("--decoder", default=None, help="FLUX model reference (default: black-forest-labs/FLUX.1-dev)")
+    p.set_defaults(func=cmd_convert_thinkdiff)
 
     p = sub.add_parser("make-toy-data", help="draw a small image-caption folder with PIL (coloured shapes)")
     p.add_argument("out_dir")

@@ -23,7 +23,7 @@ from .atomic import save_json, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-EMBED_KINDS = ("output", "input", "both")
+EMBED_KINDS = ("output", "input", "both", "predicting")  # see HiddenStates.embed
 
 
 @dataclass

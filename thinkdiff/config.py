@@ -45,7 +45,7 @@ class VLMConfig:
 class AlignerSection:
     path: str | None = None  # a folder written by Aligner.save_pretrained / train.py; None = random init
     layer: int = -1  # used only without `path` (a trained aligner knows its layer)
-    embed: str = "output"  # "output" | "input" | "both", likewise
+    embed: str = "output"  # "output" | "input" | "both" | "predicting" (ThinkDiff's fork), likewise
     seed: int = 0  # initialisation seed without `path`
 
 

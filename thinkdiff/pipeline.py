@@ -97,6 +97,11 @@ class ThinkDiffPipeline:
         """Load a folder written by `save_pretrained`: thinkdiff.yaml plus the trained aligner/."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
+            from .convert_thinkdiff import CLIP_NOT_BUILT, CLIP_WIDTH
+
+            aligner_config = directory / "aligner" / "config.json"
+            if aligner_config.is_file() and yaml.safe_load(aligner_config.read_text())["input_dim"] == CLIP_WIDTH:
+                raise ValueError(CLIP_NOT_BUILT.format(path=directory / "aligner"))
             raise FileNotFoundError(f"No ThinkDiff pipeline at {directory}: {CONFIG_NAME} is missing.")
         config = load_config(InferenceConfig, directory / CONFIG_NAME,
                              [f"aligner.path={directory / 'aligner'}", *overrides])

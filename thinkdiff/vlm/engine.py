@@ -98,14 +98,19 @@ class HiddenStates:
     output_embed: dict[int, torch.Tensor]  # layer -> [gen_len, H]
 
     def embed(self, layer: int, kind: str = "output") -> torch.Tensor:
-        """The states ThinkDiff feeds its aligner: "output" [gen_len, H], "input" [prompt_len, H] or "both"."""
+        """The states ThinkDiff feeds its aligner: "output" [gen_len, H], "input" [prompt_len, H], "both", or
+        "predicting" [gen_len, H]: row j is the state that *predicted* answer token j (the last prompt row, then
+        output rows 0..gen_len-2), which is what ThinkDiff's vLLM fork returned as output_embed, so released
+        ThinkDiff aligners see the inputs they were trained on."""
         if kind == "output":
             return self.output_embed[layer]
+        if kind == "predicting":
+            return torch.cat([self.input_embed[layer][-1:], self.output_embed[layer][:-1]], dim=0)
         if kind == "input":
             return self.input_embed[layer]
         if kind == "both":
             return torch.cat([self.input_embed[layer], self.output_embed[layer]], dim=0)
-        raise ValueError(f"Unknown embed kind {kind!r}; choose 'output', 'input' or 'both'.")
+        raise ValueError(f"Unknown embed kind {kind!r}; choose 'output', 'input', 'both' or 'predicting'.")
 
 
 def end_token_ids(model_path, tokenizer) -> set[int]:
