@@ -131,3 +131,24 @@ def test_an_interrupt_saves_a_checkpoint_and_says_how_to_continue(toy, tmp_path,
     assert [p.name for p in (out / "checkpoints").iterdir()] == [path.name]  # no temp folders left
     train_aligner(align_config(toy, out, f"train.max_steps={step + 1}", "train.resume=latest"))
     assert len(losses(out)) == step + 1
+
+
+def test_num_processes_without_multi_gpu_on_a_cpu_host_is_an_error(toy, tmp_path):
+    """accelerate starts one process for `--num_processes 2` without --multi_gpu on a host without GPUs."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(accelerate), "launch", "--num_processes", "2", str(ROOT / "train.py"), "--config",
+                           str(ROOT / "configs" / "align_tiny.yaml"), f"data.source={toy}",
+                           f"train.output_dir={tmp_path}", "train.max_steps=1", *ALIGN],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # accelerate's launcher turns our exit status 2 into its own 1
+    assert "error: `accelerate launch --num_processes 2` started one process" in proc.stderr
+    assert "--multi_gpu --num_processes 2" in proc.stderr and not (tmp_path / "losses.txt").exists()
+
+
+def test_sample_images_are_optional(toy, tmp_path):
+    decoder = "decoder={family: flux, model: 'tiny:flux'}"
+    train_aligner(align_config(toy, tmp_path / "never", "train.max_steps=1", "train.checkpoint_every=0", decoder,
+                               "train.sample_every=-1"))
+    assert not (tmp_path / "never" / "samples").exists()
+    train_aligner(align_config(toy, tmp_path / "end", "train.max_steps=2", "train.checkpoint_every=0", decoder))
+    assert [p.name for p in (tmp_path / "end" / "samples").iterdir()] == ["step-000002.png"]

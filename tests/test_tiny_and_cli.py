@@ -119,3 +119,38 @@ def test_tiny_mllama_carries_llama32_visions_template_and_ids(tiny, engine, imag
         mllama.generate([VLMRequest("Describe it.", [image], system="Be brief.")], [])
     with pytest.raises(ValueError, match="vlm.system is set for tiny:mllama.*refuses"):  # before any model loads
         make_engine(VLMConfig(model="tiny:mllama", system="Be brief."))
+
+
+def test_atomic_writes_keep_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    from thinkdiff.atomic import atomic_dir, save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json({"a": 1}, tmp_path / "x.json")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644  # mkstemp alone gives 0600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755  # mkdtemp alone gives 0700
+
+
+def test_extract_prints_only_the_answer_on_stdout_with_vllm(tmp_path):
+    """vLLM logs dozens of lines at start; they go to stderr, so `extract ... > answer.txt` holds the answer."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "f.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "thinkdiff", "extract", "--model", "tiny:llama", "--backend",
+                           "vllm", "--layer", "-1", "--prompt", "Describe a red apple.", "--max-new-tokens", "5",
+                           "--out", str(out)], env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO" in proc.stderr  # vLLM did log
+    assert proc.stdout == load_hidden_states(out).text + "\n"

@@ -13,13 +13,21 @@ import torch
 from safetensors.torch import save_file
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_into(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it to `path`."""
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it to `path` (with the permissions a plain
+    open() would give under the user's umask; mkstemp makes 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,6 +54,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a plain mkdir follows the umask
     try:
         yield tmp
         if path.exists() and replace:

@@ -71,6 +71,7 @@ def _set_vllm_env(kv_cache_gib: float | None) -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends our callables
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: fast start, shared memory
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks and our Mllama plugin use the V1 runner
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results (extract's answer)
     if kv_cache_gib is not None:  # CPU KV cache (GiB); vLLM reads it when the engine starts
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
     else:
