@@ -4,12 +4,15 @@
     grpo    the VLM policy, GRPO with uniqueness-weighted advantages ("Rewarding the Rare")
 
     python train.py --config configs/align_tiny.yaml                       # one CPU or GPU
-    accelerate launch --num_processes 4 train.py --config configs/align_tiny.yaml train.max_steps=25000
+    accelerate launch --num_processes 4 train.py --config configs/align_tiny.yaml train.max_steps=25000   # 4 GPUs
     python train.py --config configs/align_tiny.yaml train.resume=latest   # continue exactly where it stopped
+    python train.py --config configs/align_tiny.yaml train.overwrite=true  # start over in the same output_dir
     python train.py --config configs/grpo_tiny.yaml
     accelerate launch --num_processes 2 train.py --config configs/grpo_tiny.yaml   # whole groups per process
 
 On a host without a GPU, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes in one gloo group.
+A run owns its train.output_dir: another run's checkpoints there are an error unless resume or overwrite is set.
+Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and exits 130.
 """
 
 from __future__ import annotations

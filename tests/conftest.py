@@ -33,6 +33,14 @@ def image():
     return make_image(70, 40)
 
 
+@pytest.fixture(scope="session")
+def task(tmp_path_factory):
+    """A drawn arithmetic task for GRPO: 6 problems "What is <img> plus <img>?" with digits 0-1."""
+    from thinkdiff.grpo.problems import write_arithmetic_task
+
+    return write_arithmetic_task(tmp_path_factory.mktemp("arith"), n=6, max_digit=1)
+
+
 _ENGINES = {}
 
 

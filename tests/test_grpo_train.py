@@ -10,15 +10,10 @@ from safetensors.torch import load_file
 
 from thinkdiff.__main__ import main
 from thinkdiff.config import GRPOTrainConfig, apply_overrides, from_dict
-from thinkdiff.grpo.problems import load_problems, write_arithmetic_task
+from thinkdiff.grpo.problems import load_problems
 from thinkdiff.grpo.trainer import train_grpo
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return write_arithmetic_task(tmp_path_factory.mktemp("arith"), n=6, max_digit=1)
 
 
 def config(task, out, *overrides):
@@ -56,17 +51,32 @@ def test_grpo_steps_change_the_full_policy(task, tmp_path, tiny):
     assert curve == sorted(curve)
 
 
+def coin_task(task, out: Path) -> Path:
+    """The task's problems with a verifier that rewards about half of any answers (the tiny random Mllama almost
+    never writes a digit), so groups are mixed and the judge and the update have work."""
+    from thinkdiff.grpo import verifiers
+
+    if "coin" not in verifiers.VERIFIERS:
+        verifiers.register("coin")(lambda text, answer: float(sum(map(ord, text)) % 2))
+    rows = [dict(json.loads(line), verifier="coin") for line in Path(task).read_text().splitlines()]
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:  # images are paths relative to the problem file
+        row["images"] = [str((Path(task).parent / im).resolve()) for im in row.get("images", [])]
+    (out / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out / "problems.jsonl"
+
+
 def test_grpo_lora_on_mllama_with_a_garbage_judge(task, tmp_path):
     """Mllama (cross-attention images) as a LoRA policy; the judge is a tiny random LLM whose replies never parse,
     so every mixed group falls back to the embedding clusters and the step still completes."""
-    cfg = config(task, tmp_path, "policy.model=tiny:mllama", "policy.temperature=1.5", "policy.max_new_tokens=16",
+    cfg = config(coin_task(task, tmp_path / "coin"), tmp_path, "policy.model=tiny:mllama", "policy.temperature=1.5", "policy.max_new_tokens=16",
                  "train.problems_per_step=3", "lora_rank=4", "reward.judge=engine",
                  "reward.judge_model=tiny:llama", "reward.judge_max_new_tokens=16", "train.lr=1e-2",
                  "loss.aggregation=token", "loss.eps_high=0.28", "loss.num_iterations=2")
     final = train_grpo(cfg)
     log = rows(tmp_path)
     assert len(log) == 3
-    assert log[-1]["judge_calls"] == log[-1]["judge_failures"]
+    assert log[-1]["judge_calls"] == log[-1]["judge_failures"] > 0
     adapters = load_file(final / "adapter_model.safetensors")
     assert adapters and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapters.items())
 

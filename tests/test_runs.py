@@ -15,7 +15,6 @@ import yaml
 from safetensors.torch import load_file
 
 from thinkdiff.config import AlignTrainConfig, GRPOTrainConfig, apply_overrides, from_dict
-from thinkdiff.grpo.problems import write_arithmetic_task
 from thinkdiff.grpo.trainer import train_grpo
 from thinkdiff.train.align import train_aligner
 from thinkdiff.train.checkpoint import list_checkpoints, prune_checkpoints
@@ -29,11 +28,6 @@ ALIGN = ["train.batch_size=4", "train.log_every=1", "optim.warmup_steps=2", "vlm
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return write_toy_dataset(tmp_path_factory.mktemp("toy"), n=8)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return write_arithmetic_task(tmp_path_factory.mktemp("arith"), n=6, max_digit=1)
 
 
 def align_config(toy, out, *overrides):

@@ -195,9 +195,12 @@ def run_child(out: str) -> None:
     for kind, requests in cases().items():
         engine = VLLMEngine(Path(out).parent / f"eos-{kind}", max_images=3 if kind == "mllama" else None)
         engine.progress = False
+        calls, generate = [], engine.llm.generate
+        engine.llm.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
         results[f"eos_{kind}"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                                   for s in engine.generate(requests, LAYERS, eos)]
-        del engine
+        results[f"eos_{kind}_vllm_calls"] = len(calls)
+        del engine, generate  # the bound method holds the LLM: free it before the next engine starts
     head16 = Path(out).parent / "head16"
     make_head16_llama(head16)
     try:
@@ -297,6 +300,7 @@ def test_answers_ending_early_get_their_last_row(vllm_results, kind):
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
     got = vllm_results[f"eos_{kind}"]
+    assert vllm_results[f"eos_{kind}_vllm_calls"] == 1  # no prefill pass after generating
     lengths = [len(output) for _, output, _, _ in got]
     assert min(lengths) < EOS_ANSWER and max(lengths) == EOS_ANSWER, lengths
     copy = next(Path(p) for p in vllm_results["eos_dirs"] if p.endswith(f"eos-{kind}"))

@@ -181,8 +181,8 @@ def _fit_vllm(plan: MemoryPlan, vlm, device: str) -> None:
 def _kv_cache_bytes(hf_config, vlm) -> int:
     """One longest request's self-attention KV cache (+ Mllama's cross-attention cache for max_images images) and
     ~1 GiB of activations: what vLLM needs at least, and more than the transformers engine uses per request."""
-    from .vlm.vllm_engine import DEFAULT_PROMPT_TOKENS, mm_tokens_per_request
     from .vlm.transformers_engine import model_family
+    from .vlm.vllm_engine import DEFAULT_PROMPT_TOKENS, mm_tokens_per_request
 
     text = hf_config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

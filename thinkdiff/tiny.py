@@ -219,7 +219,7 @@ def _build_llama(out: Path) -> None:
 def _build_mllama(out: Path, tile: int = MLLAMA_TILE) -> None:
     """Llama-3.2-11B-Vision-Instruct's interfaces (tokenizer ids, chat template, eos/pad ids, 4 tiles of `tile`
     px) on a 4-layer, 128-wide text model and a 64-wide vision tower."""
-    from transformers import (GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor)
+    from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     tok = _llama32_vision_tokenizer()
@@ -376,8 +376,12 @@ def _build_sana(out: Path) -> None:
 
 
 def _build_qwenimage(out: Path) -> None:
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3584,

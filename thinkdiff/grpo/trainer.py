@@ -33,12 +33,19 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
-from ..train.checkpoint import (check_resume_step, checkpoint_dir, keep_history, load_training_state, prepare_run,
-                                prune_checkpoints, save_training_state)
-from ..train.interrupt import GracefulStop, TrainingInterrupted
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
 from ..train.accelerator import make_accelerator
 from ..train.align import batch_indices, broadcast
+from ..train.checkpoint import (
+    check_resume_step,
+    checkpoint_dir,
+    keep_history,
+    load_training_state,
+    prepare_run,
+    prune_checkpoints,
+    save_training_state,
+)
+from ..train.interrupt import GracefulStop, TrainingInterrupted
 from ..vlm import SamplingConfig, VLMRequest
 from ..vlm.transformers_engine import TransformersEngine
 from ..weights import resolve_model

@@ -17,14 +17,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..aligner import Aligner, AlignerConfig
-from ..decoders import load_decoder
+from ..atomic import atomic_dir
 from ..config import AlignTrainConfig, OptimConfig, torch_dtype
+from ..decoders import load_decoder
 from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
-from ..atomic import atomic_dir
-from .checkpoint import (check_resume_step, checkpoint_dir, keep_history, load_training_state, prepare_run,
-                         prune_checkpoints, save_training_state)
+from .checkpoint import (
+    check_resume_step,
+    checkpoint_dir,
+    keep_history,
+    load_training_state,
+    prepare_run,
+    prune_checkpoints,
+    save_training_state,
+)
 from .data import ImageCaptionDataset
 from .feature_cache import FeatureCache, LiveFeatures
 from .interrupt import GracefulStop, TrainingInterrupted

@@ -54,7 +54,6 @@ def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
     from pathlib import Path
 
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -69,15 +68,15 @@ def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
         t5 = T5ForConditionalGeneration(T5Config.from_pretrained(str(path)))
     wanted = {name for name, _ in t5.named_parameters() if not name.startswith("encoder.")}
     norm_key = "encoder.final_layer_norm.weight"
-    norm = None
+    state, norm = {}, None
     for name in files:
         with safe_open(str(path / name), framework="pt") as f:
             for key in f.keys():
                 if key == norm_key:
                     norm = f.get_tensor(key).float()
                 elif key in wanted:
-                    set_module_tensor_to_device(t5, key, device, value=f.get_tensor(key), dtype=dtype)
-                    wanted.discard(key)
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    t5.load_state_dict(state, strict=False, assign=True)  # the encoder stays on the meta device
     t5.tie_weights()  # the decoder's embedding (and the LM head, when tied) share the loaded `shared` weight
     t5.encoder = None  # never materialised: the aligner's tokens replace its output
     wanted = {n for n, p in t5.named_parameters() if p.device.type == "meta"}

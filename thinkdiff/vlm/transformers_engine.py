@@ -14,8 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..rng import generator
-from .engine import (CHAT_TEMPLATE_KWARGS, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest,
-                     answer_sentinel, end_token_ids)
+from .engine import (
+    CHAT_TEMPLATE_KWARGS,
+    HiddenStateEngine,
+    HiddenStates,
+    SamplingConfig,
+    VLMRequest,
+    answer_sentinel,
+    end_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 

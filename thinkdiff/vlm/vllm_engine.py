@@ -50,8 +50,15 @@ import numpy as np
 import torch
 
 from ..rng import derive_seed
-from .engine import (CHAT_TEMPLATE_KWARGS, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest,
-                     answer_sentinel, end_token_ids)
+from .engine import (
+    CHAT_TEMPLATE_KWARGS,
+    HiddenStateEngine,
+    HiddenStates,
+    SamplingConfig,
+    VLMRequest,
+    answer_sentinel,
+    end_token_ids,
+)
 from .transformers_engine import _load_processor, model_family
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ Use
   images enabled, loading raises a ValueError that says which of the two to choose.
 * `enforce_eager=True` is required: the cross-attention masks are built on the host per step (see below), which
   CUDA graphs / torch.compile cannot capture. Only the V1 model runner works (the runner is looked up, see below);
-  on GPU, vLLM 0.32 defaults to the V2 runner where Triton is installed: set `VLLM_USE_V2_MODEL_RUNNER=0`.
+  on GPU, vLLM 0.32 defaults to the V2 runner where Triton is installed: `VLLM_USE_V2_MODEL_RUNNER=0` (our vLLM
+  engine sets it; set it yourself for plain `vllm serve`).
 * `max_num_batched_tokens` must be at least images x max_num_tiles x ((image_size // patch_size)**2 + 1), i.e.
   6404 per image for the 11B/90B checkpoints (vLLM checks it at start-up: encoder inputs cannot be chunked).
 * Prompts: give the token ids the HF `MllamaProcessor` (or the chat template with `add_special_tokens=False`)
