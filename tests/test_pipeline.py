@@ -106,6 +106,14 @@ def test_real_weight_configs_parse():
         config = load_config(InferenceConfig, ROOT / "configs" / name)
         assert config.decoder.family == "flux" and config.decoder.pooled == "empty_prompt"
         assert config.vlm.max_new_tokens == 128 == config.vlm.min_new_tokens
+    # Llama-3.2-Vision's template refuses a system message next to images: every sample of that eval used to fail.
+    import yaml
+
+    from thinkdiff.config import from_dict
+    from thinkdiff.eval.config import CobsatEvalConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "eval_cobsat_llama32_vision_flux.yaml").read_text())
+    assert "Llama-3.2" in data["vlm"]["model"] and from_dict(CobsatEvalConfig, data).vlm.system is None
 
 
 def run_infer(*args, cwd):
