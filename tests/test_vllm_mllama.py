@@ -219,11 +219,11 @@ def run_vllm_child(model_path: str, spec_path: str, out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    # The tiny Mllama with 28-px tiles (57 vision tokens a tile): these cases and the 24-block preemption run are
-    # sized for it. The default 560-px tiles (6404 tokens an image, as Llama-3.2-Vision) run in test_vllm_engine.
+    # The tiny Mllama with 28-px tiles of 14-px patches (5 vision tokens a tile): these cases and the 24-block
+    # preemption run are sized for it. The default 560-px tiles run in test_vllm_engine.
     from thinkdiff.tiny import make_tiny
 
-    model_path = str(make_tiny(tmp_path_factory.mktemp("tiles28") / "mllama", "mllama", tile=28))
+    model_path = str(make_tiny(tmp_path_factory.mktemp("tiles28") / "mllama", "mllama", tile=28, patch=14))
     reference = transformers_reference(model_path)
     preempt_reference = transformers_reference(model_path, PREEMPT_CASES, PREEMPT_NEW_TOKENS)
     work = tmp_path_factory.mktemp("vllm_mllama")

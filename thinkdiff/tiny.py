@@ -24,7 +24,7 @@ DECODER_KINDS = ("flux", "sd3", "sd15", "sana", "qwenimage")
 KINDS = VLM_KINDS + TEXT_ENCODER_KINDS + DECODER_KINDS
 
 # Bumped whenever a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = 5
+TINY_VERSION = 6
 
 _CORPUS = [
     "Create an image of a red apple on a wooden table in soft morning light.",
@@ -65,8 +65,10 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Mllama tile side in pixels (Llama-3.2-Vision: 560; 1600 patches of 14 px + 1 class token per tile).
+# Mllama tiles: Llama-3.2-Vision's 560 px, so the processor tiles images as the real model does; patches of 56 px
+# (the real model: 14 px, 1601 tokens a tile) keep the vision tower at 101 tokens a tile, for CPU time.
 MLLAMA_TILE = 560
+MLLAMA_PATCH = 56
 
 # Text backbone shared by the three VLM kinds: 4 layers, hidden 128, 4 heads of 32 (2 KV heads).
 _TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -102,8 +104,8 @@ def _distributed_rank() -> int:
 
 def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: bool = True, **options) -> Path:
     """Build a tiny random model of `kind` and save it to `out_dir` (written to a temp dir, then renamed; an
-    existing `out_dir` is replaced unless `replace=False`). `options` go to the builder (mllama: `tile`, the tile
-    side in pixels, default MLLAMA_TILE)."""
+    existing `out_dir` is replaced unless `replace=False`). `options` go to the builder (mllama: `tile` and
+    `patch`, in pixels, default MLLAMA_TILE and MLLAMA_PATCH)."""
     _check_kind(kind)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, replace=replace) as tmp, torch.random.fork_rng(devices=[]):
@@ -216,9 +218,9 @@ def _build_llama(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _build_mllama(out: Path, tile: int = MLLAMA_TILE) -> None:
+def _build_mllama(out: Path, tile: int = MLLAMA_TILE, patch: int = MLLAMA_PATCH) -> None:
     """Llama-3.2-11B-Vision-Instruct's interfaces (tokenizer ids, chat template, eos/pad ids, 4 tiles of `tile`
-    px) on a 4-layer, 128-wide text model and a 64-wide vision tower."""
+    px) on a 4-layer, 128-wide text model and a 64-wide vision tower with `patch`-px patches."""
     from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -229,7 +231,7 @@ def _build_mllama(out: Path, tile: int = MLLAMA_TILE) -> None:
                 eos_token_id=LLAMA32_EOS_IDS, pad_token_id=LLAMA32_PAD_ID)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
                   attention_heads=2, vision_output_dim=192, intermediate_layers_indices=[0, 1],
-                  image_size=tile, patch_size=14, max_num_tiles=4, num_channels=3)
+                  image_size=tile, patch_size=patch, max_num_tiles=4, num_channels=3)
     config = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id)
     model = MllamaForConditionalGeneration(config)
     _randomize(model)
