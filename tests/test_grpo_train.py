@@ -69,8 +69,8 @@ def coin_task(task, out: Path) -> Path:
 def test_grpo_lora_on_mllama_with_a_garbage_judge(task, tmp_path):
     """Mllama (cross-attention images) as a LoRA policy; the judge is a tiny random LLM whose replies never parse,
     so every mixed group falls back to the embedding clusters and the step still completes."""
-    cfg = config(coin_task(task, tmp_path / "coin"), tmp_path, "policy.model=tiny:mllama", "policy.temperature=1.5", "policy.max_new_tokens=16",
-                 "train.problems_per_step=3", "lora_rank=4", "reward.judge=engine",
+    cfg = config(coin_task(task, tmp_path / "coin"), tmp_path, "policy.model=tiny:mllama", "policy.temperature=1.5",
+                 "policy.max_new_tokens=16", "train.problems_per_step=3", "lora_rank=4", "reward.judge=engine",
                  "reward.judge_model=tiny:llama", "reward.judge_max_new_tokens=16", "train.lr=1e-2",
                  "loss.aggregation=token", "loss.eps_high=0.28", "loss.num_iterations=2")
     final = train_grpo(cfg)

@@ -41,7 +41,8 @@ def test_pipeline_leaves_the_global_rng_alone(tmp_path):
     from thinkdiff.pipeline import ThinkDiffPipeline
 
     before = torch.get_rng_state()
-    pipe = ThinkDiffPipeline.from_config("configs/tiny.yaml", ["vlm.do_sample=true", "vlm.max_new_tokens=4", "vlm.min_new_tokens=0"])
+    pipe = ThinkDiffPipeline.from_config("configs/tiny.yaml", ["vlm.do_sample=true", "vlm.max_new_tokens=4",
+                                                               "vlm.min_new_tokens=0"])
     pipe("Draw a cat.", seed=1, num_inference_steps=2, height=64, width=64, progress=False)
     assert torch.equal(before, torch.get_rng_state())
     again = ThinkDiffPipeline.from_config("configs/tiny.yaml")  # the same random aligner from aligner.seed

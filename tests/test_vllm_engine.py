@@ -127,6 +127,13 @@ def make_eos_copy(engine, kind: str, out: Path) -> Path:
     return out
 
 
+def counted(fn, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def run_child(out: str) -> None:
     """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
     from transformers import AutoModelForCausalLM
@@ -195,12 +202,13 @@ def run_child(out: str) -> None:
     for kind, requests in cases().items():
         engine = VLLMEngine(Path(out).parent / f"eos-{kind}", max_images=3 if kind == "mllama" else None)
         engine.progress = False
-        calls, generate = [], engine.llm.generate
-        engine.llm.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+        calls = []
+        engine.llm.generate = counted(engine.llm.generate, calls)
         results[f"eos_{kind}"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                                   for s in engine.generate(requests, LAYERS, eos)]
         results[f"eos_{kind}_vllm_calls"] = len(calls)
-        del engine, generate  # the bound method holds the LLM: free it before the next engine starts
+        del engine.llm.generate  # the wrapper holds the LLM: drop it, so the LLM goes before the next one starts
+        del engine
     head16 = Path(out).parent / "head16"
     make_head16_llama(head16)
     try:
