@@ -89,8 +89,12 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError, match="`hf download meta-llama/Llama-3.2-11B-Vision-Instruct --local-dir"):
         resolve_model("meta-llama/Llama-3.2-11B-Vision-Instruct", "vlm.model")
-    from thinkdiff.config import DecoderConfig
+    from thinkdiff.config import DecoderConfig, VLMConfig
     from thinkdiff.decoders import load_decoder
+    from thinkdiff.vlm import make_engine
+
+    with pytest.raises(MissingWeightsError, match='Llama-3.2-11B-Vision-Instruct --exclude "original/\\*" --local-dir'):
+        make_engine(VLMConfig(model="meta-llama/Llama-3.2-11B-Vision-Instruct"))  # not its 20 GB native checkpoint
 
     # Only what ThinkDiff's FLUX loads: no T5-XXL (text_encoder_2), no single-file checkpoint.
     with pytest.raises(MissingWeightsError, match=r'hf download black-forest-labs/FLUX.1-dev --include '

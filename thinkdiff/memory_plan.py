@@ -119,12 +119,13 @@ def plan_memory(config, device_memory: Callable[[str], int | None] = device_tota
     """The plan for an `InferenceConfig` (weights read from the resolved checkpoints; nothing is loaded)."""
     from transformers import AutoConfig
 
+    from .vlm import VLM_DOWNLOAD_HINT
     from .weights import resolve_model
 
     vlm, dec = config.vlm, config.decoder
     plan = MemoryPlan()
     if vlm.backend != "remote":
-        vlm_path = resolve_model(vlm.model, "vlm.model")
+        vlm_path = resolve_model(vlm.model, "vlm.model", hint=VLM_DOWNLOAD_HINT)
         vlm_device = "cuda:0" if vlm.backend == "vllm" and torch.cuda.is_available() and vlm.device == "cpu" \
             else _normal(vlm.device)
         weights = folder_numel(vlm_path) * DTYPE_BYTES[vlm.dtype]

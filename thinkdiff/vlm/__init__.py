@@ -13,6 +13,8 @@ from __future__ import annotations
 from .engine import IMAGE_MARKER, MLLAMA_SYSTEM_ERROR, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
 BACKENDS = ("transformers", "vllm", "remote")
+# `hf download` arguments for a VLM: Meta's repos also hold the native checkpoint (original/, 20+ GB) we never read.
+VLM_DOWNLOAD_HINT = '--exclude "original/*"'
 
 
 def make_engine(config) -> HiddenStateEngine:
@@ -26,7 +28,7 @@ def make_engine(config) -> HiddenStateEngine:
         from .remote_engine import RemoteEngine
 
         return RemoteEngine(config.model)
-    path = resolve_model(config.model, "vlm.model")
+    path = resolve_model(config.model, "vlm.model", hint=VLM_DOWNLOAD_HINT)
     check_system_prompt(config, path)
     dtype = torch_dtype(config.dtype)
     if config.backend == "vllm":
