@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_dir
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
 from ..train.accelerator import make_accelerator
-from ..train.align import batch_indices, broadcast
+from ..train.align import batch_indices
 from ..train.checkpoint import (
     check_resume_step,
     checkpoint_dir,
@@ -121,8 +121,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
         raise ValueError(f"train.problems_per_step={loop.problems_per_step} must be a multiple of the number of "
                          f"processes ({world}): every process takes whole groups.")
     out = Path(loop.output_dir)
-    resume = prepare_run(out, loop.resume, loop.overwrite, RESULTS) if accelerator.is_main_process else None
-    resume = broadcast(accelerator, resume)
+    resume = prepare_run(accelerator, out, loop.resume, loop.overwrite, RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.problems, cfg.limit)
 

@@ -142,10 +142,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
                                   betas=tuple(cfg.optim.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, thinkdiff_lr_lambda(cfg.optim, loop.max_steps))
 
-    resume = None
-    if accelerator.is_main_process:
-        resume = prepare_run(out, loop.resume, loop.overwrite, RESULTS)
-    resume = broadcast(accelerator, resume)
+    resume = prepare_run(accelerator, out, loop.resume, loop.overwrite, RESULTS)
     start = 0
     if resume:
         aligner.load_state_dict(Aligner.from_pretrained(resume / "aligner").state_dict())
@@ -215,15 +212,6 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def broadcast(accelerator, value):
-    """The main process's `value` on every process."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
 
 
 def save_checkpoint(out: Path, step: int, aligner: Aligner, optimizer, scheduler, keep: int) -> Path:

@@ -76,11 +76,30 @@ def clean_stale_temp(output_dir: str | Path) -> None:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def prepare_run(output_dir: str | Path, resume: str | None, overwrite: bool, results: tuple[str, ...]) -> Path | None:
-    """Make `output_dir` ready for a run; return the checkpoint to resume from (None: start at step 0).
+def prepare_run(accelerator, output_dir: str | Path, resume: str | None, overwrite: bool,
+                results: tuple[str, ...]) -> Path | None:
+    """Make `output_dir` ready for a run (on the main process; the others get its answer); return the checkpoint
+    to resume from (None: start at step 0).
 
     `results`: the names, inside `output_dir`, that a run writes (aligner, losses.txt, ...). A fresh run refuses a
     folder that holds checkpoints or any of them, unless `overwrite` (they are removed first)."""
+    if accelerator.num_processes == 1:
+        return _prepare_run(output_dir, resume, overwrite, results)
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [_prepare_run(output_dir, resume, overwrite, results)]
+        except (ValueError, FileNotFoundError) as err:
+            answer = [err]
+    answer = broadcast_object_list(answer)[0]
+    if isinstance(answer, Exception):  # every process stops with the main process's message
+        raise answer
+    return answer
+
+
+def _prepare_run(output_dir, resume, overwrite, results) -> Path | None:
     out = Path(output_dir)
     if resume and overwrite:
         raise ValueError("train.resume and train.overwrite=true contradict each other: continue a run or start over.")
