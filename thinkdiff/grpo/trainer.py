@@ -42,8 +42,7 @@ from ..train.checkpoint import (
     keep_history,
     load_training_state,
     prepare_run,
-    prune_checkpoints,
-    save_training_state,
+    save_checkpoint,
 )
 from ..train.interrupt import GracefulStop, TrainingInterrupted
 from ..vlm import SamplingConfig, VLMRequest
@@ -96,17 +95,6 @@ RESULTS = ("policy", "log.jsonl")  # what a run writes into its output folder
 def save_policy(policy: Policy, directory: Path) -> None:
     with atomic_dir(directory) as tmp:
         policy.save_pretrained(tmp)
-
-
-def save_checkpoint(out: Path, step: int, policy: Policy, optimizer, keep: int) -> Path:
-    """The policy's weights (full or LoRA adapters), the optimizer and the step; data order and rollout seeds are
-    functions of (seed, step), so resuming from here continues exactly."""
-    final = checkpoint_dir(out, step)
-    with atomic_dir(final) as tmp:
-        policy.save_trainable(tmp / "policy.safetensors")
-        save_training_state(tmp, step, optimizer)
-    prune_checkpoints(out, keep)
-    return final
 
 
 def train_grpo(cfg: GRPOTrainConfig) -> Path:
@@ -206,7 +194,10 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                     f.write(json.dumps(row) + "\n")
                 bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
                 if (loop.checkpoint_every and (step + 1) % loop.checkpoint_every == 0) or interrupted:
-                    save_checkpoint(out, step + 1, policy, optimizer, loop.keep_checkpoints)
+                    # Weights (full or LoRA) + optimizer + step: data order and rollout seeds are functions of
+                    # (seed, step), so resuming from here continues exactly.
+                    save_checkpoint(out, step + 1, lambda d: policy.save_trainable(d / "policy.safetensors"),
+                                    optimizer, keep=loop.keep_checkpoints)
             accelerator.wait_for_everyone()
             if interrupted:
                 bar.close()

@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..aligner import Aligner, AlignerConfig
-from ..atomic import atomic_dir
 from ..config import AlignTrainConfig, OptimConfig, torch_dtype
 from ..decoders import load_decoder
 from ..rng import generator
@@ -29,8 +28,7 @@ from .checkpoint import (
     keep_history,
     load_training_state,
     prepare_run,
-    prune_checkpoints,
-    save_training_state,
+    save_checkpoint,
 )
 from .data import ImageCaptionDataset
 from .feature_cache import FeatureCache, LiveFeatures
@@ -191,8 +189,9 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
                 with losses_path.open("a") as f:
                     f.write(f"{step_loss:.6f}\n")
                 if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or interrupted:
-                    save_checkpoint(out, done, accelerator.unwrap_model(aligner), optimizer, scheduler,
-                                    loop.keep_checkpoints)
+                    trained = accelerator.unwrap_model(aligner)
+                    save_checkpoint(out, done, lambda d: trained.save_pretrained(d / "aligner"), optimizer,
+                                    scheduler, loop.keep_checkpoints)
                 if decoder is not None and loop.sample_every > 0 and done % loop.sample_every == 0:
                     write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder)
             accelerator.wait_for_everyone()
@@ -211,15 +210,6 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
             logger.warning("%d unreadable samples were skipped", len(dataset.skipped))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
-
-
-def save_checkpoint(out: Path, step: int, aligner: Aligner, optimizer, scheduler, keep: int) -> Path:
-    final = checkpoint_dir(out, step)
-    with atomic_dir(final) as tmp:
-        aligner.save_pretrained(tmp / "aligner")
-        save_training_state(tmp, step, optimizer, scheduler)
-    prune_checkpoints(out, keep)
     return final
 
 

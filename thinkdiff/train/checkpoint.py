@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import save_json, save_safetensors
+from ..atomic import atomic_dir, save_json, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,17 @@ def keep_history(path: Path, steps: int, step_of=None) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for n, line in enumerate(lines, 1) if (step_of(line) if step_of else n) <= steps]
     path.write_text("".join(kept))
+
+
+def save_checkpoint(output_dir: str | Path, step: int, write_weights, optimizer, scheduler=None, keep: int = 2) -> Path:
+    """OUTPUT/checkpoints/step-N, written atomically: `write_weights(folder)` saves what trains (the aligner, or the
+    policy's weights), then the optimizer, scheduler, step and RNG states; then the oldest beyond `keep` go."""
+    final = checkpoint_dir(output_dir, step)
+    with atomic_dir(final) as tmp:
+        write_weights(tmp)
+        save_training_state(tmp, step, optimizer, scheduler)
+    prune_checkpoints(output_dir, keep)
+    return final
 
 
 def save_training_state(directory: Path, step: int, optimizer, scheduler=None) -> None:
