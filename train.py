@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
-import yaml
 
 from thinkdiff.user_errors import exit_status
 
@@ -33,23 +30,17 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from thinkdiff.config import AlignTrainConfig, GRPOTrainConfig, apply_overrides, from_dict
+    from thinkdiff.config import load_training_config
 
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"Config file {args.config} not found.")
-    with open(args.config) as f:
-        data = apply_overrides(yaml.safe_load(f) or {}, args.overrides)
-    stage = data.get("stage", "align")
-    if stage == "align":
+    cfg = load_training_config(args.config, args.overrides)
+    if cfg.stage == "align":
         from thinkdiff.train.align import train_aligner
 
-        final = train_aligner(from_dict(AlignTrainConfig, data))
-    elif stage == "grpo":
+        final = train_aligner(cfg)
+    else:
         from thinkdiff.grpo.trainer import train_grpo
 
-        final = train_grpo(from_dict(GRPOTrainConfig, data))
-    else:
-        raise ValueError(f"Unknown stage {stage!r}; choose align or grpo.")
+        final = train_grpo(cfg)
     print(f"Wrote {final}")
     return 0
 

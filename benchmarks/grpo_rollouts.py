@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     from thinkdiff.grpo.strategies import EmbeddingClusterer, LLMJudgeClusterer, engine_ask
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import SamplingConfig, VLMRequest
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
@@ -41,7 +41,6 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=True, seed=0)
     n = len(requests)
     hf = TransformersEngine(tiny_path(args.model))
-    hf.progress = False
     hf_s = timed(lambda: hf.generate(requests, [], sampling), repeat=2)
     print(f"rollouts: {args.groups} groups x {args.group_size} samples x {args.tokens} tokens, tiny {args.model}")
     print(f"  transformers  {n / hf_s:8.1f} completions/s")
@@ -49,7 +48,6 @@ def main() -> None:
         from thinkdiff.vlm.vllm_engine import VLLMEngine
 
         vllm_engine = VLLMEngine(tiny_path(args.model))
-        vllm_engine.progress = False
         vllm_s = timed(lambda: vllm_engine.generate(requests, [], sampling), repeat=2)
         print(f"  vllm          {n / vllm_s:8.1f} completions/s   (vllm / transformers: {hf_s / vllm_s:.2f}x)")
     except ImportError as err:

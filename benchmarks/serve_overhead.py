@@ -41,13 +41,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from thinkdiff.serve import HiddenStateServer
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import SamplingConfig, VLMRequest
     from thinkdiff.vlm.remote_engine import RemoteEngine
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(tiny_path("llama"))
-    engine.progress = False
     requests = [VLMRequest(f"Describe picture {i}: a red apple {'on a wooden table ' * (i % 4)}in soft light.")
                 for i in range(args.requests)]
     sampling = SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)

@@ -42,7 +42,7 @@ def timed(fn) -> float:
 
 
 def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import SamplingConfig, VLMRequest
     from thinkdiff.vlm.transformers_engine import TransformersEngine
     from thinkdiff.vlm.vllm_engine import VLLMEngine
@@ -58,7 +58,6 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
 
     sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
     engine = VLLMEngine(tiny_path(kind))
-    engine.progress = False
     last, three = [-1], [0, engine.num_layers // 2, engine.num_layers]
     vllm_s = medians(engine, fresh, sampling, {"generate": [], "generate + final layer": last,
                                                "generate + 3 layers": three}, rounds)
@@ -66,7 +65,6 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
     mode = "prefix caching on" if engine.prefix_caching else "no prefix caching (encoder-decoder)"
     del engine  # one vLLM engine at a time
     hf = TransformersEngine(tiny_path(kind))
-    hf.progress = False
     hf.generate(fresh()[:2], last, sampling)  # warm-up
     hf_s = statistics.median(timed(lambda: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
 
@@ -83,7 +81,6 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
 
     # Answers that end at end of sequence: one more decode step each (goal <= 1.15x).
     engine = VLLMEngine(stop_model)
-    engine.progress = False
     free = SamplingConfig(max_new_tokens=tokens)
     lengths = [len(s.output_token_ids) for s in engine.generate(fresh(), [], free)]
     eos_s = medians(engine, fresh, free, {"generate": [], "generate + final layer": last}, rounds)

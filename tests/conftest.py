@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny():
     """tiny("mllama") -> path of the session's tiny model of that kind."""
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
 
     return tiny_path
 

@@ -381,7 +381,7 @@ def test_end_to_end_tiny_models_and_resume(mini, tmp_path, capsys):
 def test_text_bridge_needs_the_decoders_text_encoders(mini, tmp_path, tiny):
     from diffusers import StableDiffusionPipeline
 
-    from thinkdiff.tiny import _clip_text_encoder
+    from thinkdiff.testing.tiny_models import _clip_text_encoder
 
     with pytest.raises(ValueError, match="no text_encoder_2, tokenizer_2"):
         run_cobsat(make_config(mini, "cobsat.method=text-bridge", "judge.kind=oracle", base=TINY_CONFIG),
@@ -409,7 +409,7 @@ def make_tiny_llava(out: Path) -> Path:
         LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from thinkdiff.tiny import _llama_tokenizer
+    from thinkdiff.testing.tiny_models import _llama_tokenizer
 
     tok = _llama_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})

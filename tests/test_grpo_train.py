@@ -117,12 +117,12 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
     from thinkdiff.grpo.loss import policy_loss
     from thinkdiff.grpo.policy import Policy
     from thinkdiff.grpo.trainer import update_policy
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import VLMRequest
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
     torch.manual_seed(0)
-    policy = Policy(TransformersEngine(tiny_path("qwen2-vl")), keep_reference=True)
+    policy = Policy(tiny_path("qwen2-vl"), keep_reference=True)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for p in policy.reference.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -14,7 +14,6 @@ def answers(engine, n, seed=11):
 
 def test_copies_of_a_prompt_are_distinct_and_independent_of_the_call(engine):
     llama = engine("llama")
-    llama.progress = False
     many = answers(llama, 24)
     assert len(set(map(tuple, many))) >= 22, many  # chunks of 8 used to repeat each other (8 distinct of 16)
     assert answers(llama, 5) == many[:5]
@@ -29,7 +28,6 @@ def test_copies_of_a_prompt_are_distinct_and_independent_of_the_call(engine):
 
 def test_sampling_with_images_is_per_request_too(engine, image):
     mllama = engine("mllama")
-    mllama.progress = False
     sampling = SamplingConfig(max_new_tokens=6, do_sample=True, seed=3)
     requests = [VLMRequest("Describe the image.", [image])] * 6 + [VLMRequest("A text-only question.")] * 2
     both = [s.output_token_ids.tolist() for s in mllama.generate(requests, [], sampling)]
@@ -60,11 +58,11 @@ def test_library_code_never_seeds_the_global_rng():
     offenders = [(path.name, lines[n - 1]) for path in Path(thinkdiff.__file__).parent.rglob("*.py")
                  for lines in [path.read_text().splitlines()] for n, line in enumerate(lines)
                  if "torch.manual_seed(" in line or "torch.cuda.manual_seed" in line or "np.random.seed(" in line]
-    assert len(offenders) == 1 and offenders[0][0] == "tiny.py" and "fork_rng" in offenders[0][1], offenders
+    assert len(offenders) == 1 and offenders[0][0] == "tiny_models.py" and "fork_rng" in offenders[0][1], offenders
     before = torch.get_rng_state()
     import tempfile
 
-    from thinkdiff.tiny import make_tiny
+    from thinkdiff.testing.tiny_models import make_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(tmp + "/t5", "t5")

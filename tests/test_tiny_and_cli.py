@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from thinkdiff.__main__ import main
 from thinkdiff.features import load_hidden_states
-from thinkdiff.tiny import VLM_KINDS
+from thinkdiff.testing.tiny_models import VLM_KINDS
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
@@ -94,7 +94,7 @@ def test_tiny_mllama_carries_llama32_visions_template_and_ids(tiny, engine, imag
     from transformers import AutoConfig, GenerationConfig
 
     from thinkdiff.config import VLMConfig
-    from thinkdiff.tiny import llama32_vision_chat_template
+    from thinkdiff.testing.tiny_models import llama32_vision_chat_template
     from thinkdiff.vlm import VLMRequest, make_engine
 
     template = llama32_vision_chat_template()

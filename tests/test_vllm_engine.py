@@ -51,7 +51,7 @@ def cases():
 def make_head16_llama(out: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
 
     LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
                                  intermediate_size=64, vocab_size=420)).save_pretrained(out)
@@ -99,7 +99,7 @@ SHARED_ANSWER = 8  # max_new_tokens of the shared-prefix case, which also fills 
 def prompt_lengths(kind, requests) -> list[int]:
     from types import SimpleNamespace
 
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm.transformers_engine import _load_processor
     from thinkdiff.vlm.vllm_engine import VLLMEngine
 
@@ -113,7 +113,7 @@ def make_eos_copy(engine, kind: str, out: Path) -> Path:
     third in one of cases()[kind]'s answers: that answer stops early, at end of sequence."""
     import shutil
 
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import SamplingConfig
 
     answers = [s.output_token_ids.tolist()
@@ -138,7 +138,7 @@ def run_child(out: str) -> None:
     """vLLM side: every case, one batch per model; then seeded sampling and a weight update."""
     from transformers import AutoModelForCausalLM
 
-    from thinkdiff.tiny import tiny_path
+    from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import SamplingConfig
     from thinkdiff.vlm.vllm_engine import VLLMEngine
 
@@ -150,7 +150,6 @@ def run_child(out: str) -> None:
         else:  # shared_prefix_requests' copies fill max_model_len
             engine = VLLMEngine(tiny_path(kind), batch_size=8,
                                 max_model_len=max(prompt_lengths(kind, shared_prefix_requests())) + SHARED_ANSWER)
-        engine.progress = False
         results[f"{kind}_prefix_caching"] = engine.prefix_caching
         results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                          for s in engine.generate(requests, LAYERS, greedy)]
@@ -169,7 +168,7 @@ def run_child(out: str) -> None:
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(1.1)
-            engine.update_weights(model)
+            engine.update_weights(model.state_dict().items())
             results["updated"] = [s.output_token_ids for s in engine.generate(requests, [], greedy)]
             try:
                 engine.generate(requests, [9])
@@ -188,7 +187,6 @@ def run_child(out: str) -> None:
     from thinkdiff.vlm import VLMRequest
 
     engine = VLLMEngine(tiny_path("mllama"), max_images=0)  # text-only Mllama: a decoder with prefix caching
-    engine.progress = False
     results["mllama_text_prefix_caching"] = engine.prefix_caching
     text_requests = [r for r in cases()["mllama"] if not r.images] + [VLMRequest("Describe a cat next to a car.")]
     results["mllama_text"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
@@ -201,7 +199,6 @@ def run_child(out: str) -> None:
     eos = SamplingConfig(max_new_tokens=EOS_ANSWER)  # answers that end at the copies' extra end-of-sequence token
     for kind, requests in cases().items():
         engine = VLLMEngine(Path(out).parent / f"eos-{kind}", max_images=3 if kind == "mllama" else None)
-        engine.progress = False
         calls = []
         engine.llm.generate = counted(engine.llm.generate, calls)
         results[f"eos_{kind}"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
@@ -313,7 +310,6 @@ def test_answers_ending_early_get_their_last_row(vllm_results, kind):
     assert min(lengths) < EOS_ANSWER and max(lengths) == EOS_ANSWER, lengths
     copy = next(Path(p) for p in vllm_results["eos_dirs"] if p.endswith(f"eos-{kind}"))
     reference = TransformersEngine(copy)
-    reference.progress = False
     for request, result in zip(cases()[kind], got, strict=True):
         close_to(reference.generate([request], LAYERS, SamplingConfig(max_new_tokens=EOS_ANSWER))[0], *result)
 

@@ -4,7 +4,7 @@ transformers' reference runs here; vLLM runs in a child process (this file run a
 process-wide state (threads, logging, and with its Transformers backend, transformers' Mllama classes).
 Every case is greedy, 8 tokens, `ignore_eos`; tokens must be equal and the log-probs vLLM returns (top 5 and the
 chosen token, per step) must match transformers' log-softmax within 1e-4. vLLM serves all cases in one batch, again
-in reverse order (with the encoder outputs handed to the model reversed: they must be matched by request id), and
+in reverse order (with the encoder outputs handed to the model reversed: they must be matched by their prompt), and
 once more with staggered arrivals (new prompts with images join steps that decode others). A second engine with a
 tiny KV cache generates 40 tokens for six cases, so requests get preempted and prefilled again. A third engine
 serves the text-only case without the encoder-decoder override (limit_mm_per_prompt={"image": 0}).
@@ -115,10 +115,11 @@ def run_vllm_child(model_path: str, spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from thinkdiff.vlm import vllm_mllama
+    from thinkdiff.vlm.vllm_plugin import register
 
-    vllm_mllama.register()
-    # Encoder outputs must be matched to requests by request id: in the "reversed" run, hand them to the model in
-    # the opposite order of the scheduler's.
+    assert register()
+    # Encoder outputs are matched to requests by the prompt their item carries, not by order: in the "reversed"
+    # run, hand them to the model in the opposite order of the scheduler's.
     forward, flip = vllm_mllama.MllamaForConditionalGeneration.forward, {"on": False}
 
     def forward_flipped(self, *args, encoder_outputs=None, **kwargs):
@@ -186,14 +187,14 @@ def run_vllm_child(model_path: str, spec_path: str, out_path: str) -> None:
     # prefilled again over prompt + generated tokens (their images are encoded again).
     del llm
     gc.collect()
-    prefill_images, reprefills = vllm_mllama.MllamaForConditionalGeneration._prefill_images, []
+    extend_rows, reprefills = vllm_mllama.MllamaForConditionalGeneration._extend_rows, []
 
-    def prefill_images_counted(self, prompt, num_rows, *args):
-        if num_rows > len(prompt):
-            reprefills.append(num_rows - len(prompt))
-        return prefill_images(self, prompt, num_rows, *args)
+    def extend_rows_counted(spec, num_rows):
+        if num_rows > len(spec.prompt):
+            reprefills.append(num_rows - len(spec.prompt))
+        return extend_rows(spec, num_rows)
 
-    vllm_mllama.MllamaForConditionalGeneration._prefill_images = prefill_images_counted
+    vllm_mllama.MllamaForConditionalGeneration._extend_rows = staticmethod(extend_rows_counted)
     llm = LLM(model_path, hf_overrides={"is_encoder_decoder": True}, enforce_eager=True, dtype="float32",
               limit_mm_per_prompt={"image": IMAGE_LIMIT}, max_model_len=128, max_num_batched_tokens=128,
               block_size=32, num_gpu_blocks_override=24, seed=0)
@@ -221,7 +222,7 @@ def run_vllm_child(model_path: str, spec_path: str, out_path: str) -> None:
 def results(tmp_path_factory):
     # The tiny Mllama with 28-px tiles of 14-px patches (5 vision tokens a tile): these cases and the 24-block
     # preemption run are sized for it. The default 560-px tiles run in test_vllm_engine.
-    from thinkdiff.tiny import make_tiny
+    from thinkdiff.testing.tiny_models import make_tiny
 
     model_path = str(make_tiny(tmp_path_factory.mktemp("tiles28") / "mllama", "mllama", tile=28, patch=14))
     reference = transformers_reference(model_path)

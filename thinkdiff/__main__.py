@@ -7,11 +7,12 @@ import argparse
 import logging
 import sys
 
+from .errors import ConfigError
 from .user_errors import exit_status
 
 
 def cmd_make_tiny(args) -> int:
-    from .tiny import make_tiny
+    from .testing.tiny_models import make_tiny
 
     print(make_tiny(args.out_dir, args.kind, seed=args.seed))
     return 0
@@ -59,17 +60,14 @@ def cmd_make_toy_data(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    import yaml
-
-    from .config import AlignTrainConfig, apply_overrides, from_dict
+    from .config import AlignTrainConfig, load_config
     from .train.data import ImageCaptionDataset
     from .train.feature_cache import write_cache
     from .vlm import make_engine, sampling_from
 
-    with open(args.config) as f:
-        cfg = from_dict(AlignTrainConfig, apply_overrides(yaml.safe_load(f) or {}, args.overrides))
+    cfg = load_config(AlignTrainConfig, args.config, args.overrides)
     if not cfg.train.cache:
-        raise ValueError("Set train.cache (the folder to write) in the config or as train.cache=DIR.")
+        raise ConfigError("Set train.cache (the folder to write) in the config or as train.cache=DIR.")
     dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=cfg.train.seed, limit=cfg.data.limit)
     out = write_cache(make_engine(cfg.vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
                       vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype)
@@ -85,20 +83,16 @@ def cmd_make_arithmetic_task(args) -> int:
 
 
 def cmd_eval_passk(args) -> int:
-    import yaml
-
-    from .config import GRPOTrainConfig, apply_overrides, from_dict, torch_dtype
+    from .config import GRPOTrainConfig, load_config, torch_dtype
     from .grpo.evaluate import evaluate_passk, format_report, load_policy_engine, write_report
     from .grpo.problems import load_problems
     from .grpo.trainer import build_clusterer
     from .vlm import SamplingConfig
     from .weights import resolve_model
 
-    with open(args.config) as f:
-        cfg = from_dict(GRPOTrainConfig, apply_overrides(yaml.safe_load(f) or {}, args.overrides))
+    cfg = load_config(GRPOTrainConfig, args.config, args.overrides)
     path = args.checkpoint or resolve_model(cfg.policy.model, "policy.model")
     engine = load_policy_engine(path, dtype=torch_dtype(cfg.policy.dtype), device=cfg.policy.device)
-    engine.progress = False
     sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens, min_new_tokens=cfg.policy.min_new_tokens,
                               do_sample=True, temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
                               seed=args.seed)
@@ -112,7 +106,7 @@ def cmd_eval_passk(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tiny import KINDS
+    from .testing.tiny_models import KINDS
     from .vlm import BACKENDS
 
     parser = argparse.ArgumentParser(prog="python -m thinkdiff", description="ThinkDiff command-line tools.")

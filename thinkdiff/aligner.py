@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import ConfigError, InputError, MissingFileError
 from .atomic import save_json, save_safetensors
 
 CONFIG_NAME = "config.json"
@@ -36,9 +37,9 @@ class AlignerConfig:
 
     def __post_init__(self):
         if self.embed not in EMBED_KINDS:
-            raise ValueError(f"Aligner embed must be one of {EMBED_KINDS}, got {self.embed!r}.")
+            raise ConfigError(f"Aligner embed must be one of {EMBED_KINDS}, got {self.embed!r}.")
         if self.input_dim < 1 or self.output_dim < 1:
-            raise ValueError(f"Aligner widths must be positive, got {self.input_dim} -> {self.output_dim}.")
+            raise ConfigError(f"Aligner widths must be positive, got {self.input_dim} -> {self.output_dim}.")
 
 
 class Aligner(nn.Module):
@@ -68,7 +69,7 @@ class Aligner(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, L, H] (or [L, H]) -> [B, L, D] (or [L, D])."""
         if hidden_states.shape[-1] != self.config.input_dim:
-            raise ValueError(f"The aligner expects VLM states of width {self.config.input_dim}, got "
+            raise InputError(f"The aligner expects VLM states of width {self.config.input_dim}, got "
                              f"{hidden_states.shape[-1]} (shape {tuple(hidden_states.shape)}); was it trained for "
                              "another VLM?")
         x = hidden_states.to(self.proj_in.weight.dtype)
@@ -79,7 +80,7 @@ class Aligner(nn.Module):
         """Copy the RMSNorm weight from a text encoder's final norm (a module with `.weight`, or the tensor)."""
         weight = weight.weight if isinstance(weight, nn.Module) else weight
         if weight.shape != self.norm.weight.shape:
-            raise ValueError(f"Norm weight of shape {tuple(weight.shape)} does not fit the aligner's output width "
+            raise InputError(f"Norm weight of shape {tuple(weight.shape)} does not fit the aligner's output width "
                              f"{self.config.output_dim}.")
         self.norm.weight.copy_(weight)
 
@@ -93,7 +94,7 @@ class Aligner(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"No aligner at {directory}: {name} is missing (expected the output of "
+                raise MissingFileError(f"No aligner at {directory}: {name} is missing (expected the output of "
                                         "Aligner.save_pretrained or train.py).")
         with torch.device("meta"):  # no initialisation: every weight comes from the file
             aligner = cls(AlignerConfig(**json.loads((directory / CONFIG_NAME).read_text())))

@@ -1,71 +1,89 @@
-"""Configuration as plain dataclasses, loaded from YAML and overridable from the command line (`key.sub=value`)."""
+"""Configuration as typed dataclasses (pydantic), validated once when loaded from YAML and `key.sub=value`
+overrides. Every entry point loads through `load_config` (or `load_training_config`, which picks the class by the
+config's `stage`), so a wrong key, type, choice or shape is one line naming the key, before anything loads."""
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal
 
+import pydantic
 import torch
 import yaml
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from .errors import ConfigError, MissingFileError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16"]
+Embed = Literal["output", "input", "both", "predicting"]  # see HiddenStates.embed
+PositiveInt = Annotated[int, pydantic.Field(ge=1)]
+Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
+
+# Unknown keys are errors; values are converted only where nothing is lost ("3e-3" -> 0.003, 2 -> 2.0).
+config_dataclass = _pydantic_dataclass(config=pydantic.ConfigDict(extra="forbid"))
 
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
-@dataclass
+@config_dataclass
 class VLMConfig:
     model: str = "tiny:mllama"  # a local folder, a Hugging Face repo id already in the local cache, or tiny:KIND
-    backend: str = "transformers"
-    dtype: str = "float32"
+    backend: Literal["transformers", "vllm", "remote"] = "transformers"  # remote: `model` is the server's URL
+    dtype: Dtype = "float32"
     device: str = "cpu"
-    max_new_tokens: int = 32
-    min_new_tokens: int = 0  # ThinkDiff: min = max = 128, so the conditioning always has 128 tokens
+    max_new_tokens: PositiveInt = 32
+    min_new_tokens: Annotated[int, pydantic.Field(ge=0)] = 0  # ThinkDiff: min = max = 128 (always 128 tokens)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Annotated[float, pydantic.Field(gt=0.0)] = 1.0
+    top_p: Annotated[float, pydantic.Field(gt=0.0, le=1.0)] = 1.0
     system: str | None = None
-    max_images: int | None = None  # images per request; None = the model's own limit (vllm: 8)
+    max_images: Annotated[int, pydantic.Field(ge=0)] | None = None  # per request; None = the model's limit (vllm: 8)
     # vLLM only (None = derived from the model, max_new_tokens and max_images; see vllm_engine.engine_limits):
-    max_model_len: int | None = None  # prompt + answer tokens per request (default 4096 prompt tokens + answer)
-    max_num_batched_tokens: int | None = None  # tokens per engine step (Mllama: >= all tiles of max_images images)
-    gpu_memory_utilization: float | None = None  # share of the GPU vLLM takes (None: derived, see memory plan)
-    tensor_parallel_size: int = 1
-    kv_cache_gib: float | None = None  # KV cache size; on CPU default 1 GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: PositiveInt | None = None  # prompt + answer tokens per request (default 4096 prompt + answer)
+    max_num_batched_tokens: PositiveInt | None = None  # tokens per engine step (Mllama: >= all tiles of max_images)
+    gpu_memory_utilization: Annotated[float, pydantic.Field(gt=0.0, le=1.0)] | None = None  # None: memory plan
+    tensor_parallel_size: PositiveInt = 1
+    kv_cache_gib: Annotated[float, pydantic.Field(gt=0.0)] | None = None  # KV cache; CPU default 1 GiB
+
+    def __post_init__(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
 
 
-@dataclass
+@config_dataclass
 class AlignerSection:
     path: str | None = None  # a folder written by Aligner.save_pretrained / train.py; None = random init
     layer: int = -1  # used only without `path` (a trained aligner knows its layer)
-    embed: str = "output"  # "output" | "input" | "both" | "predicting" (ThinkDiff's fork), likewise
+    embed: Embed = "output"  # likewise; "predicting" = ThinkDiff's fork
     seed: int = 0  # initialisation seed without `path`
 
 
-@dataclass
+@config_dataclass
 class DecoderConfig:
-    family: str = "flux"  # flux | sd3 | sd15 | sana | qwenimage
+    family: Literal["flux", "sd3", "sd15", "sana", "qwenimage"] = "flux"
     model: str = "tiny:flux"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     device: str = "cpu"
-    pooled: str | None = None  # pooled vector: None = the family's default (FLUX: empty_prompt, i.e. CLIP of "",
-    #                           ThinkDiff's choice; SD3: zeros; others have none). FLUX/SD3 also take "zeros".
-    offload: str = "none"  # none | model | sequential: diffusers' enable_model/sequential_cpu_offload (GPU only)
+    # The pooled vector: None = the family's default (FLUX: empty_prompt, i.e. CLIP of "", ThinkDiff's choice;
+    # SD3: zeros; the others have none). FLUX/SD3 also take "zeros".
+    pooled: Literal["zeros", "empty_prompt", "none"] | None = None
+    offload: Literal["none", "model", "sequential"] = "none"  # diffusers' enable_model/sequential_cpu_offload (GPU)
     vae_tiling: bool = False  # decode the image in tiles (diffusers' vae.enable_tiling): less memory at large sizes
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 28
+    height: PositiveInt = 512
+    width: PositiveInt = 512
+    num_inference_steps: PositiveInt = 28
     guidance_scale: float | None = None  # None = the family's default
 
 
-@dataclass
+@config_dataclass
 class InferenceConfig:
     vlm: VLMConfig = field(default_factory=VLMConfig)
     aligner: AlignerSection = field(default_factory=AlignerSection)
@@ -76,32 +94,6 @@ class InferenceConfig:
 T = typing.TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
-    """Build dataclass `cls` from nested dicts, rejecting unknown keys with the list of valid ones."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"Unknown config key {where}{sorted(unknown)[0]!r}; valid keys here: {sorted(names)}.")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
-            options = [a for a in typing.get_args(hint) if a is not type(None)]
-            hint = options[0] if len(options) == 1 and value is not None else hint
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
-        elif hint in (float, float | None) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:  # YAML reads 3e-3 (no dot) as a string
-                kwargs[name] = float(value)
-            except ValueError:
-                raise ValueError(f"Config key {where}{name} must be a number, got {value!r}.") from None
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
@@ -110,27 +102,86 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings (values parsed as YAML: numbers, true/false, null, lists) to nested dicts."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"Override {item!r} is not of the form key.sub=value.")
+            raise ConfigError(f"Override {item!r} is not of the form key.sub=value.")
         key, value = item.split("=", 1)
         node = data
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"Override {item!r}: {part!r} is not a section.")
-        node[leaf] = yaml.safe_load(value)
+                raise ConfigError(f"Override {item!r}: {part!r} is not a section.")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Override {item!r}: the value is not valid YAML ({_yaml_problem(err)}).") from None
     return data
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; a missing file or a syntax error is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"Config file {path} not found.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def from_dict(cls: type[T], data: dict | None, source: str = "config") -> T:
+    """Build and validate config class `cls` from nested dicts; every problem is one line naming its key."""
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(dict(data or {}))
+    except pydantic.ValidationError as err:
+        raise ConfigError(_describe(err, cls, source)) from None
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Read YAML at `path` (or start from defaults), apply overrides, build `cls`."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} not found.")
-        data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, build and validate `cls`."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)), str(path) if path is not None else "config")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err).strip()
+
+
+def _describe(err: pydantic.ValidationError, cls, source: str) -> str:
+    """pydantic's errors as `source: key.sub: what is wrong (got value)`, the first few, one line."""
+    parts = []
+    for e in err.errors()[:3]:
+        key = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"]).lstrip(".") or "(top level)"
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parts.append(f"unknown key {key!r}; valid keys here: {_valid_keys(cls, e['loc'][:-1])}")
+        elif e["type"] == "literal_error":
+            parts.append(f"{key}={e['input']!r}: {e['msg'].lower().replace('input should be', 'choose')}")
+        elif e["type"] == "missing":
+            parts.append(f"{key} is missing")
+        elif e["type"] == "value_error":
+            parts.append(f"{key}: {str(e['ctx'].get('error', e['msg']))}" if key != "(top level)" else
+                         str(e["ctx"].get("error", e["msg"])))
+        else:
+            parts.append(f"{key}={e['input']!r}: {e['msg'].lower()}")
+    more = f" (and {len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more + "."
+
+
+def _valid_keys(cls, loc) -> list[str]:
+    for part in (x for x in loc if not isinstance(x, int)):
+        hints = typing.get_type_hints(cls, include_extras=False)
+        hint = hints.get(part)
+        options = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] if hint else []
+        cls = hint if dataclasses.is_dataclass(hint) else (options[0] if options else None)
+        if cls is None:
+            return []
+    return sorted(f.name for f in dataclasses.fields(cls))
 
 
 # ------------------------------------------------------------------------------------- alignment training
@@ -145,63 +196,63 @@ THINKDIFF_PROMPTS = [
 ]
 
 
-@dataclass
+@config_dataclass
 class DataConfig:
     source: str = ""  # a folder of images (+ same-name .txt captions), a .jsonl manifest, or a folder of .tar shards
-    prompts: list[str] = field(default_factory=lambda: list(THINKDIFF_PROMPTS))
-    image_size: int = 64  # diffusion targets are centre-cropped and resized to this many pixels
-    limit: int | None = None  # use only the first N samples
+    prompts: Annotated[list[str], pydantic.Field(min_length=1)] = field(default_factory=lambda: list(THINKDIFF_PROMPTS))
+    image_size: PositiveInt = 64  # diffusion targets are centre-cropped and resized to this many pixels
+    limit: PositiveInt | None = None  # use only the first N samples
 
 
-@dataclass
+@config_dataclass
 class ObjectiveConfig:
-    name: str = "t5_decoder"  # t5_decoder | diffusion | regression
+    name: Literal["t5_decoder", "diffusion", "regression"] = "t5_decoder"
     t5_model: str = "tiny:t5"  # t5_decoder: frozen T5 whose decoder reads the aligned tokens (ThinkDiff: flan-t5-xxl)
-    max_split: int = 128  # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
-    t5_dtype: str | None = None  # t5_decoder: the frozen T5's dtype; None = bfloat16 on a GPU, float32 on the CPU
+    max_split: PositiveInt = 128  # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
+    t5_dtype: Dtype | None = None  # t5_decoder: the frozen T5's dtype; None = bfloat16 on a GPU, float32 on the CPU
     text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
-    max_target_tokens: int = 128
+    max_target_tokens: PositiveInt = 128
     vlm_tokenizer: str | None = None  # where the VLM's tokenizer is (default: vlm.model; set it for backend remote)
 
 
-@dataclass
+@config_dataclass
 class OptimConfig:
     """AdamW + linear warmup from warmup_lr to lr, then cosine to min_lr (ThinkDiff's schedule)."""
 
-    lr: float = 1e-4
-    min_lr: float = 8e-5
-    warmup_lr: float = 1e-6
-    warmup_steps: int = 2000
-    weight_decay: float = 0.05  # not applied to biases and norm weights
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float | None = None  # ThinkDiff trains without clipping
+    lr: Annotated[float, pydantic.Field(gt=0.0)] = 1e-4
+    min_lr: Annotated[float, pydantic.Field(ge=0.0)] = 8e-5
+    warmup_lr: Annotated[float, pydantic.Field(ge=0.0)] = 1e-6
+    warmup_steps: Annotated[int, pydantic.Field(ge=0)] = 2000
+    weight_decay: Annotated[float, pydantic.Field(ge=0.0)] = 0.05  # not applied to biases and norm weights
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    max_grad_norm: Annotated[float, pydantic.Field(gt=0.0)] | None = None  # ThinkDiff trains without clipping
 
 
-@dataclass
+@config_dataclass
 class LoopConfig:
     output_dir: str = "runs/align"
-    max_steps: int = 1000
-    batch_size: int = 8  # global batch per optimizer step, split over processes and accumulation steps
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    max_steps: PositiveInt = 1000
+    batch_size: PositiveInt = 8  # global batch per optimizer step, split over processes and accumulation steps
+    gradient_accumulation_steps: PositiveInt = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate
     seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    sample_every: int = 0  # sample image every N steps; 0 = only at the end, -1 = never (needs a `decoder:` section)
-    log_every: int = 10
+    checkpoint_every: Annotated[int, pydantic.Field(ge=0)] = 500  # 0 = only when interrupted
+    keep_checkpoints: PositiveInt = 2
+    sample_every: Annotated[int, pydantic.Field(ge=-1)] = 0  # sample image every N steps; 0 = only at the end, -1 = never (needs a `decoder:` section)
+    log_every: PositiveInt = 10
     resume: str | None = None  # "latest" (this output_dir's newest checkpoint) or a checkpoint folder
     overwrite: bool = False  # start over in an output_dir that holds another run (removes its checkpoints)
     cache: str | None = None  # feature cache folder (python -m thinkdiff cache); None = run the VLM live
-    cache_dtype: str = "bfloat16"
-    cache_shard_size: int = 256
+    cache_dtype: Dtype = "bfloat16"
+    cache_shard_size: PositiveInt = 256
 
 
-@dataclass
+@config_dataclass
 class AlignTrainConfig:
-    stage: str = "align"
+    stage: Literal["align"] = "align"
     vlm: VLMConfig = field(default_factory=lambda: VLMConfig(max_new_tokens=32))
     layer: int = -1
-    embed: str = "output"
+    embed: Embed = "output"
     decoder: DecoderConfig | None = None  # needed by the diffusion objective and for sample images
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,54 +263,68 @@ class AlignTrainConfig:
 # -------------------------------------------------------------------------------------------------- GRPO
 
 
-@dataclass
+@config_dataclass
 class RareRewardConfig:
     """Rewarding the Rare (arXiv 2601.08763): A = w * z with w = cluster_size ** -alpha."""
 
-    alpha: float = 0.5  # 0 = plain GRPO; the paper does not state its value
-    scale: str = "group"  # "group": divide by the group std (GRPO); "none": Dr. GRPO
-    judge: str = "embedding"  # embedding (offline MiniLM) | engine (one of our VLM engines) | openai (URL) | none
+    alpha: Fraction = 0.5  # 0 = plain GRPO; the paper does not state its value
+    scale: Literal["group", "none"] = "group"  # "group": divide by the group std (GRPO); "none": Dr. GRPO
+    # embedding (offline MiniLM) | engine (one of our VLM engines) | openai (URL) | none
+    judge: Literal["embedding", "engine", "openai", "none"] = "embedding"
     judge_model: str | None = None  # judge=engine: model reference; judge=openai: the model name
     judge_url: str | None = None  # judge=openai: base URL of an OpenAI-compatible server (…/v1)
-    judge_max_new_tokens: int = 512
-    embedding_threshold: float = 0.85  # cosine similarity at which the fallback joins two solutions
+    judge_max_new_tokens: PositiveInt = 512
+    embedding_threshold: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.85  # cosine similarity at which the fallback joins two solutions
 
 
-@dataclass
+@config_dataclass
 class GRPOLossConfig:
-    beta: float = 0.001  # KL weight (paper: 0.001)
-    eps_low: float = 0.2
-    eps_high: float | None = None  # clip-higher (DAPO: 0.28); None = eps_low
-    aggregation: str = "grpo"  # grpo | token (DAPO) | dr_grpo
-    num_iterations: int = 1  # policy updates per batch of rollouts
+    beta: Annotated[float, pydantic.Field(ge=0.0)] = 0.001  # KL weight (paper: 0.001)
+    eps_low: Annotated[float, pydantic.Field(ge=0.0)] = 0.2
+    eps_high: Annotated[float, pydantic.Field(ge=0.0)] | None = None  # clip-higher (DAPO: 0.28); None = eps_low
+    aggregation: Literal["grpo", "token", "dr_grpo"] = "grpo"  # token: DAPO
+    num_iterations: PositiveInt = 1  # policy updates per batch of rollouts
 
 
-@dataclass
+@config_dataclass
 class GRPOLoopConfig:
     output_dir: str = "runs/grpo"
-    max_steps: int = 100
-    problems_per_step: int = 4
-    group_size: int = 8  # K rollouts per problem
-    lr: float = 5e-7  # paper: AdamW, 5e-7
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    max_steps: PositiveInt = 100
+    problems_per_step: PositiveInt = 4
+    group_size: Annotated[int, pydantic.Field(ge=2)] = 8  # K rollouts per problem
+    lr: Annotated[float, pydantic.Field(gt=0.0)] = 5e-7  # paper: AdamW, 5e-7
+    weight_decay: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float, pydantic.Field(gt=0.0)] | None = 1.0
     seed: int = 0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    checkpoint_every: Annotated[int, pydantic.Field(ge=0)] = 50  # 0 = only when interrupted
+    keep_checkpoints: PositiveInt = 2
     resume: str | None = None  # "latest" (this output_dir's newest checkpoint) or a checkpoint folder
     overwrite: bool = False  # start over in an output_dir that holds another run (removes its checkpoints)
 
 
-@dataclass
+@config_dataclass
 class GRPOTrainConfig:
-    stage: str = "grpo"
+    stage: Literal["grpo"] = "grpo"
     policy: VLMConfig = field(default_factory=lambda: VLMConfig(do_sample=True, temperature=1.0,
                                                                 max_new_tokens=256))
-    rollout_backend: str = "transformers"  # transformers | vllm (weights synced after every update)
-    lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: int = 16
+    rollout_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: weights synced after every update
+    lora_rank: Annotated[int, pydantic.Field(ge=0)] = 0  # 0 = full fine-tuning
+    lora_alpha: PositiveInt = 16
     problems: str = ""  # JSONL of problems (thinkdiff.grpo.problems)
-    limit: int | None = None
+    limit: PositiveInt | None = None
     reward: RareRewardConfig = field(default_factory=RareRewardConfig)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     train: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)
+
+
+TrainConfig = AlignTrainConfig | GRPOTrainConfig
+STAGES = {"align": AlignTrainConfig, "grpo": GRPOTrainConfig}
+
+
+def load_training_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A training config: `AlignTrainConfig` or `GRPOTrainConfig`, as its `stage` key says (default align)."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    stage = data.get("stage", "align")
+    if stage not in STAGES:
+        raise ConfigError(f"{path}: stage={stage!r}: choose one of {', '.join(STAGES)}.")
+    return from_dict(STAGES[stage], data, str(path))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .errors import InputError, MissingFileError
 from .aligner import Aligner, AlignerConfig
 from .config import AlignerSection, DecoderConfig, InferenceConfig, VLMConfig, to_dict
 
@@ -42,16 +43,16 @@ def load_released_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a released .pth (its `['model']` when present), loaded without unpickling code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} not found (ThinkDiff's are thinkdiff_lvlm.pth and "
+        raise MissingFileError(f"Checkpoint {path} not found (ThinkDiff's are thinkdiff_lvlm.pth and "
                                 "thinkdiff_clip.pth in the Hugging Face repo Mifucius/ThinkDiff).")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a plain tensor checkpoint: torch.load(weights_only=True) refused it "
+        raise InputError(f"{path} is not a plain tensor checkpoint: torch.load(weights_only=True) refused it "
                          f"({str(err).splitlines()[0]}); thinkdiff never unpickles code.") from None
     state = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (expected ThinkDiff's {{'model': {{name: tensor}}}}).")
+        raise InputError(f"{path} holds no state dict of tensors (expected ThinkDiff's {{'model': {{name: tensor}}}}).")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -67,10 +68,10 @@ def find_projector(state: dict[str, torch.Tensor]) -> tuple[str, int]:
             found.append((prefix, weight.shape[1]))
     if not found:
         shown = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(state.items())[:8])
-        raise ValueError(f"No ThinkDiff projector (Linear(H, {WIDTH}) -> GELU -> Linear({WIDTH}, {WIDTH}) -> "
+        raise InputError(f"No ThinkDiff projector (Linear(H, {WIDTH}) -> GELU -> Linear({WIDTH}, {WIDTH}) -> "
                          f"T5LayerNorm({WIDTH}) as P.0/P.2/P.3) among {len(state)} tensors: {shown}, ...")
     if len(found) > 1:
-        raise ValueError(f"{len(found)} tensor groups look like ThinkDiff's projector: "
+        raise InputError(f"{len(found)} tensor groups look like ThinkDiff's projector: "
                          f"{', '.join(p for p, _ in found)}; expected one.")
     return found[0]
 

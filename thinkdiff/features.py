@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import MissingFileError
 from .atomic import save_safetensors
 from .vlm.engine import HiddenStates
 
@@ -27,7 +28,7 @@ def save_hidden_states(states: HiddenStates, path: str | Path, dtype: torch.dtyp
 def load_hidden_states(path: str | Path) -> HiddenStates:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Hidden-state file {path} not found.")
+        raise MissingFileError(f"Hidden-state file {path} not found.")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         text = (f.metadata() or {}).get("text", "")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -97,7 +99,7 @@ class MemoryPlan:
     def check(self) -> None:
         for device, total in self.totals.items():
             if total is not None and self.used(device) > SAFETY * total:
-                raise ValueError(
+                raise ConfigError(
                     f"The models do not fit on {device}: {self.used(device) / GIB:.1f} GiB planned, "
                     f"{total / GIB:.1f} GiB there.\n{self.describe()}\nTry decoder.offload=model (or sequential), "
                     "decoder.dtype=bfloat16, a smaller vlm.max_model_len, or vlm.device / decoder.device on "
@@ -169,7 +171,7 @@ def _fit_vllm(plan: MemoryPlan, vlm, device: str) -> None:
     others = plan.used(device) - needed
     share = min(VLLM_MAX_UTILIZATION, (SAFETY * total - others) / total)
     if share * total < needed:
-        raise ValueError(f"vLLM needs about {needed / GIB:.1f} GiB on {device} but only {share * total / GIB:.1f} GiB "
+        raise ConfigError(f"vLLM needs about {needed / GIB:.1f} GiB on {device} but only {share * total / GIB:.1f} GiB "
                          f"are left beside the decoder.\n{plan.describe()}\nTry decoder.offload=model, or "
                          "decoder.device on another GPU.")
     plan.vllm_utilization = round(share, 3)

@@ -17,8 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
+from .errors import InputError, MissingFileError
 from .aligner import Aligner, AlignerConfig
 from .config import InferenceConfig, load_config, to_dict
+from .conditioning import Conditioning
 from .decoders import Decoder, load_decoder, pooled_mode
 from .memory_plan import plan_memory
 from .rng import generator
@@ -44,24 +46,29 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
         return image.convert("RGB")
     path = Path(image)
     if not path.is_file():
-        raise FileNotFoundError(f"Image {path} not found.")
+        raise MissingFileError(f"Image {path} not found.")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as err:
-        raise ValueError(f"Image {path} could not be read as an image ({err}).") from None
+        raise InputError(f"Image {path} could not be read as an image ({err}).") from None
 
 
 class ThinkDiffPipeline:
-    def __init__(self, engine: HiddenStateEngine, aligner: Aligner, decoder: Decoder,
+    """VLM engine -> aligner -> decoder. Stages: `engine.generate` (the VLM's answer and hidden states), `align`
+    (aligner -> text conditioning), `decode` (align + the decoder's denoising loop). `engine` may be None for a
+    pipeline that only decodes states it is given (training samples)."""
+
+    def __init__(self, engine: HiddenStateEngine | None, aligner: Aligner, decoder: Decoder,
                  sampling: SamplingConfig | None = None, config: InferenceConfig | None = None):
-        if aligner.config.input_dim != engine.hidden_size:
-            raise ValueError(f"The aligner reads VLM states of width {aligner.config.input_dim} but the VLM's hidden "
+        if engine is not None and aligner.config.input_dim != engine.hidden_size:
+            raise InputError(f"The aligner reads VLM states of width {aligner.config.input_dim} but the VLM's hidden "
                              f"size is {engine.hidden_size}.")
         if aligner.config.output_dim != decoder.conditioning_dim:
-            raise ValueError(f"The aligner outputs width {aligner.config.output_dim} but {decoder.display_name} "
+            raise InputError(f"The aligner outputs width {aligner.config.output_dim} but {decoder.display_name} "
                              f"expects conditioning of width {decoder.conditioning_dim}.")
-        engine.resolve_layers([aligner.config.layer])
+        if engine is not None:
+            engine.resolve_layers([aligner.config.layer])
         self.engine, self.aligner, self.decoder = engine, aligner, decoder
         self.sampling = sampling or SamplingConfig()
         self.config = config or InferenceConfig()
@@ -101,8 +108,8 @@ class ThinkDiffPipeline:
 
             aligner_config = directory / "aligner" / "config.json"
             if aligner_config.is_file() and yaml.safe_load(aligner_config.read_text())["input_dim"] == CLIP_WIDTH:
-                raise ValueError(CLIP_NOT_BUILT.format(path=directory / "aligner"))
-            raise FileNotFoundError(f"No ThinkDiff pipeline at {directory}: {CONFIG_NAME} is missing.")
+                raise InputError(CLIP_NOT_BUILT.format(path=directory / "aligner"))
+            raise MissingFileError(f"No ThinkDiff pipeline at {directory}: {CONFIG_NAME} is missing.")
         config = load_config(InferenceConfig, directory / CONFIG_NAME,
                              [f"aligner.path={directory / 'aligner'}", *overrides])
         return cls.from_config(config)
@@ -120,15 +127,54 @@ class ThinkDiffPipeline:
     def check_inputs(self, prompt, images):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("No prompt given.")
+            raise InputError("No prompt given.")
         if images is None:
             images = [[] for _ in prompts]
         elif isinstance(prompt, str):
             images = [images]
         if len(images) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
+            raise InputError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
         return [VLMRequest(p, [load_image(im) for im in ims], system=self.config.vlm.system)
                 for p, ims in zip(prompts, images)]
+
+    def settings(self, seed: int | None = None, num_inference_steps: int | None = None, height: int | None = None,
+                 width: int | None = None, guidance_scale: float | None = None) -> dict:
+        """The decoder settings a call uses: each argument, else the config's, else the family's default."""
+        dc = self.config.decoder
+        guidance = next(g for g in (guidance_scale, dc.guidance_scale, self.decoder.default_guidance_scale)
+                        if g is not None)
+        return {"seed": self.config.seed if seed is None else seed,
+                "num_inference_steps": num_inference_steps or dc.num_inference_steps,
+                "height": height or dc.height, "width": width or dc.width, "guidance_scale": guidance}
+
+    def align(self, hidden_states: HiddenStates | torch.Tensor) -> Conditioning:
+        """The aligner stage: one VLM answer's states (`HiddenStates`, or its layer states [L, H] already picked)
+        -> the decoder's text conditioning (batch of 1)."""
+        if isinstance(hidden_states, HiddenStates):
+            layer = self.engine.resolve_layers([self.aligner.config.layer])[0] if self.engine is not None \
+                else self.aligner.config.layer
+            hidden_states = hidden_states.embed(layer, self.aligner.config.embed)
+        tokens = self.aligner(hidden_states.to(self.decoder.device)[None])  # [1, L, D]
+        return self.decoder.make_conditioning(tokens.to(self.decoder.dtype))
+
+    @torch.no_grad()
+    def decode(self, hidden_states: HiddenStates | torch.Tensor, num_images: int = 1, seed: int | None = None,
+               num_inference_steps: int | None = None, height: int | None = None, width: int | None = None,
+               guidance_scale: float | None = None, progress: bool = True,
+               timings: dict[str, float] | None = None) -> list[Image.Image]:
+        """Aligner -> conditioning -> decoder for one VLM answer: `num_images` images (settings as `settings`).
+        `timings`, when given, gains the seconds spent in the aligner and the decoder."""
+        s = self.settings(seed, num_inference_steps, height, width, guidance_scale)
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
+        cond = self.align(hidden_states)
+        timings["aligner"] = timings.get("aligner", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        images = self.decoder.generate(cond, num_images_per_prompt=num_images, height=s["height"], width=s["width"],
+                                       num_inference_steps=s["num_inference_steps"],
+                                       guidance_scale=s["guidance_scale"], seed=s["seed"], progress=progress)
+        timings["decoder"] = timings.get("decoder", 0.0) + time.perf_counter() - start
+        return images
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], images: list | None = None, num_images: int = 1,
@@ -136,33 +182,22 @@ class ThinkDiffPipeline:
                  width: int | None = None, guidance_scale: float | None = None,
                  progress: bool = True) -> ThinkDiffOutput:
         """Generate `num_images` images per prompt. `images` are the in-context images of one prompt (or a list of
-        lists for a list of prompts); `<image>` in a prompt places them inside the text."""
-        dc = self.config.decoder
-        seed = self.config.seed if seed is None else seed
+        lists for a list of prompts); `<image>` in a prompt places them inside the text. Prompt i's images use
+        decoder seed `seed + i`."""
+        if self.engine is None:
+            raise InputError("This pipeline has no VLM engine (built for decode() only); load one with from_config.")
+        settings = self.settings(seed, num_inference_steps, height, width, guidance_scale)
         requests = self.check_inputs(prompt, images)
-        layer, embed = self.engine.resolve_layers([self.aligner.config.layer])[0], self.aligner.config.embed
-        timings = {}
+        layer = self.engine.resolve_layers([self.aligner.config.layer])[0]
 
         start = time.perf_counter()
-        states = self.engine.generate(requests, [layer], SamplingConfig(**{**vars(self.sampling), "seed": seed}))
-        timings["vlm"] = time.perf_counter() - start
-
-        guidance = next(g for g in (guidance_scale, dc.guidance_scale, self.decoder.default_guidance_scale)
-                        if g is not None)
-        settings = {"seed": seed, "num_inference_steps": num_inference_steps or dc.num_inference_steps,
-                    "height": height or dc.height, "width": width or dc.width, "guidance_scale": guidance}
-        images_out, timings["aligner"], timings["decoder"] = [], 0.0, 0.0
+        states = self.engine.generate(requests, [layer], SamplingConfig(**{**vars(self.sampling),
+                                                                            "seed": settings["seed"]}),
+                                      progress=progress)
+        timings = {"vlm": time.perf_counter() - start, "aligner": 0.0, "decoder": 0.0}
+        images_out = []
         for i, hs in enumerate(states):
-            start = time.perf_counter()
-            tokens = self.aligner(hs.embed(layer, embed).to(self.decoder.device)[None])  # [1, L, D]
-            cond = self.decoder.make_conditioning(tokens)
-            timings["aligner"] += time.perf_counter() - start
-
-            start = time.perf_counter()
-            images_out += self.decoder.generate(
-                cond, num_images_per_prompt=num_images, height=settings["height"], width=settings["width"],
-                num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
-                seed=seed + i, progress=progress)
-            timings["decoder"] += time.perf_counter() - start
+            images_out += self.decode(hs, num_images, **{**settings, "seed": settings["seed"] + i},
+                                      progress=progress, timings=timings)
         return ThinkDiffOutput(images=images_out, text=[hs.text for hs in states], hidden_states=states,
                                timings=timings, settings=settings)

@@ -37,9 +37,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ConfigError
+from .failures import Failure, run_per_item
 from .vlm.engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
 logger = logging.getLogger(__name__)
@@ -325,31 +328,30 @@ class EngineWorker:
                         job.error = RuntimeError("The engine worker stopped before answering.")
                     job.done.set()
 
-    def _call(self, job: _Job) -> None:
-        self.stats["engine_calls"] += 1
-        try:
-            job.result = self.engine.generate(job.requests, job.layers, job.sampling)
-        except BaseException as err:  # handed to the waiting handler thread
-            job.error = err
-
     def _execute(self, batch: list[_Job]) -> None:
+        """One engine call for the whole batch of jobs; if it fails, one call per job, so errors land where they
+        belong."""
         self.stats["jobs"] += len(batch)
         self.stats["requests"] += sum(len(j.requests) for j in batch)
-        if len(batch) == 1:
-            return self._call(batch[0])
-        merged = _Job([r for j in batch for r in j.requests], batch[0].layers, batch[0].sampling)
-        self._call(merged)
-        if merged.error is not None or len(merged.result) != len(merged.requests):
-            # One bad job must not fail the others: answer each on its own, so errors land where they belong.
-            logger.info("Merged engine call failed (%s); running its %d calls one by one", merged.error, len(batch))
-            for job in batch:
-                self._call(job)
-            return
-        self.stats["merged_jobs"] += len(batch)
-        start = 0
-        for job in batch:
-            job.result = merged.result[start:start + len(job.requests)]
-            start += len(job.requests)
+
+        def call(jobs: list[_Job]) -> list[list[HiddenStates]]:
+            self.stats["engine_calls"] += 1
+            requests = [r for j in jobs for r in j.requests]
+            states = self.engine.generate(requests, jobs[0].layers, jobs[0].sampling, progress=False)
+            if len(states) != len(requests):
+                raise RuntimeError(f"The engine answered {len(states)} of {len(requests)} requests.")
+            bounds = np.cumsum([0] + [len(j.requests) for j in jobs])
+            return [states[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        calls = self.stats["engine_calls"]
+        results = run_per_item(call, batch, "merged engine call")
+        if len(batch) > 1 and self.stats["engine_calls"] == calls + 1:  # the merged call answered every job
+            self.stats["merged_jobs"] += len(batch)
+        for job, result in zip(batch, results):
+            if isinstance(result, Failure):
+                job.error = result.error
+            else:
+                job.result = result
 
 
 # ---------------------------------------------------------------------------------------------- HTTP server
@@ -373,12 +375,11 @@ class HiddenStateServer(ThreadingHTTPServer):
         if allowed_image_dir is not None:
             self.allowed_image_dir = Path(allowed_image_dir).expanduser().resolve(strict=True)
             if not self.allowed_image_dir.is_dir():
-                raise ValueError(f"--allowed-image-dir {allowed_image_dir} is not a folder.")
+                raise ConfigError(f"--allowed-image-dir {allowed_image_dir} is not a folder.")
         if host not in _LOOPBACK:
             logger.warning("Serving on %s: this server has no authentication; anyone who can reach it can run the "
                            "model%s.", host, " and read images under " + str(self.allowed_image_dir)
                            if self.allowed_image_dir else "")
-        engine.progress = False
         self.worker = EngineWorker(engine, batch_requests=batch_requests, max_queue=self.limits.max_queue)
         self._thread: threading.Thread | None = None
         if ":" in host:

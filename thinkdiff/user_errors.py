@@ -1,7 +1,6 @@
 """How the command-line entry points report a user's mistake: one line on stderr and exit status 2, no traceback.
 
-Missing files and folders (MissingWeightsError included) and bad values are the user's to fix; anything else is a
-bug and keeps its traceback.
+What a user can fix raises a `thinkdiff.errors.ThinkDiffUserError`; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-USER_ERRORS = (FileNotFoundError, ValueError)
+from .errors import ThinkDiffUserError
 
 
 def exit_status(run: Callable[[], int]) -> int:
@@ -19,7 +18,7 @@ def exit_status(run: Callable[[], int]) -> int:
 
     try:
         return run()
-    except USER_ERRORS as err:
+    except ThinkDiffUserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import MissingWeightsError
 
-class MissingWeightsError(FileNotFoundError):
-    """The weights a config names are not on this machine."""
+__all__ = ["MissingWeightsError", "resolve_model"]
 
 
 def resolve_model(ref: str, config_key: str = "model", hint: str = "") -> Path:
     """`ref` -> a local folder. `ref` is `tiny:KIND`, a folder, or a Hugging Face repo id in the local cache.
     `hint`: extra `hf download` arguments for the error message (e.g. `--include` patterns of what is loaded)."""
     if ref.startswith("tiny:"):
-        from .tiny import tiny_path  # test models, built on first use
+        from .testing.tiny_models import tiny_path  # test models, built on first use
 
         return tiny_path(ref.split(":", 1)[1])
     path = Path(ref).expanduser()

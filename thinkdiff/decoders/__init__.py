@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..errors import ConfigError
 from .base import Decoder
 from .flux import FluxDecoder
 from .qwenimage import QwenImageDecoder
@@ -20,12 +21,10 @@ DECODERS: dict[str, type[Decoder]] = {
 
 def decoder_class(family: str) -> type[Decoder]:
     if family not in DECODERS:
-        raise ValueError(f"Unknown decoder family {family!r}; choose one of {', '.join(DECODERS)}.")
+        raise ConfigError(f"Unknown decoder family {family!r}; choose one of {', '.join(DECODERS)}.")
     return DECODERS[family]
 
 
-POOLED_CHOICES = ("zeros", "empty_prompt", "none")
-OFFLOAD_CHOICES = ("none", "model", "sequential")
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +34,7 @@ def pooled_mode(config) -> str:
     cls = decoder_class(config.family)
     mode = cls.default_pooled if config.pooled is None else config.pooled
     if mode not in cls.pooled_choices:
-        raise ValueError(f"decoder.pooled={mode!r} does not apply to {cls.display_name}; choose one of "
+        raise ConfigError(f"decoder.pooled={mode!r} does not apply to {cls.display_name}; choose one of "
                          f"{', '.join(cls.pooled_choices)} (or leave it unset for {cls.default_pooled!r}).")
     return mode
 
@@ -48,8 +47,6 @@ def load_decoder(config, keep_components: tuple[str, ...] = ()) -> Decoder:
 
     cls = decoder_class(config.family)
     pooled = pooled_mode(config)
-    if config.offload not in OFFLOAD_CHOICES:
-        raise ValueError(f"decoder.offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {config.offload!r}.")
     if pooled == "empty_prompt":
         keep_components = tuple(dict.fromkeys((*keep_components, "text_encoder", "tokenizer")))
     path = resolve_model(config.model, "decoder.model", hint=cls.download_hint(keep_components))
@@ -71,5 +68,5 @@ def load_decoder(config, keep_components: tuple[str, ...] = ()) -> Decoder:
     return decoder
 
 
-__all__ = ["DECODERS", "OFFLOAD_CHOICES", "POOLED_CHOICES", "Decoder", "decoder_class", "load_decoder",
+__all__ = ["DECODERS", "Decoder", "decoder_class", "load_decoder",
            "pooled_mode"]

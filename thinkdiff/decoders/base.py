@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import InputError
 from ..conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Decoder:
     def make_conditioning(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> Conditioning:
         """Conditioning from aligner tokens [B, L, D] (+ mask [B, L]): adds the pooled vector, zero negatives."""
         if tokens.dim() != 3:
-            raise ValueError(f"Expected aligner tokens of shape [B, L, D], got {tuple(tokens.shape)}.")
+            raise InputError(f"Expected aligner tokens of shape [B, L, D], got {tuple(tokens.shape)}.")
         batch, length, _ = tokens.shape
         pooled = None
         if self.pooled_dim is not None:
@@ -102,23 +103,23 @@ class Decoder:
         name, d = self.display_name, self.conditioning_dim
         pe = cond.prompt_embeds
         if pe.dim() != 3 or pe.shape[-1] != d:
-            raise ValueError(f"{name} expects prompt_embeds of shape [B, L, {d}], got {tuple(pe.shape)}: the aligner's "
+            raise InputError(f"{name} expects prompt_embeds of shape [B, L, {d}], got {tuple(pe.shape)}: the aligner's "
                              f"output width must be {d} for this decoder.")
         batch, length = pe.shape[:2]
         self._check_pair(cond.pooled_prompt_embeds, "pooled_prompt_embeds", (batch, self.pooled_dim))
         if self.uses_mask:
             if cond.attention_mask is None and self.mask_required:
-                raise ValueError(f"{name} needs an attention_mask of shape [{batch}, {length}].")
+                raise InputError(f"{name} needs an attention_mask of shape [{batch}, {length}].")
             if cond.attention_mask is not None and tuple(cond.attention_mask.shape) != (batch, length):
-                raise ValueError(f"{name} expects attention_mask of shape [{batch}, {length}], "
+                raise InputError(f"{name} expects attention_mask of shape [{batch}, {length}], "
                                  f"got {tuple(cond.attention_mask.shape)}.")
         if guidance_scale > 1 and self.guidance_needs_negatives:
             neg = cond.negative_prompt_embeds
             if neg is None:
-                raise ValueError(f"{name} with guidance_scale={guidance_scale} runs classifier-free guidance and "
+                raise InputError(f"{name} with guidance_scale={guidance_scale} runs classifier-free guidance and "
                                  "needs negative_prompt_embeds; pass them or set guidance_scale=1.")
             if neg.dim() != 3 or neg.shape[0] != batch or neg.shape[-1] != d:
-                raise ValueError(f"{name} expects negative_prompt_embeds of shape [{batch}, L', {d}], "
+                raise InputError(f"{name} expects negative_prompt_embeds of shape [{batch}, L', {d}], "
                                  f"got {tuple(neg.shape)}.")
             self._check_pair(cond.negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds",
                              (batch, self.pooled_dim))
@@ -128,9 +129,9 @@ class Decoder:
         if width is None:
             return
         if tensor is None:
-            raise ValueError(f"{self.display_name} needs {what} of shape [{batch}, {width}].")
+            raise InputError(f"{self.display_name} needs {what} of shape [{batch}, {width}].")
         if tuple(tensor.shape) != (batch, width):
-            raise ValueError(f"{self.display_name} expects {what} of shape [{batch}, {width}], "
+            raise InputError(f"{self.display_name} expects {what} of shape [{batch}, {width}], "
                              f"got {tuple(tensor.shape)}.")
 
     # ------------------------------------------------------------------------------------- generation

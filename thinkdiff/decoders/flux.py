@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .base import Decoder
 
 
@@ -31,7 +32,7 @@ class FluxDecoder(Decoder):
     def set_empty_prompt_pooled(self) -> None:
         """Use CLIP's pooled embedding of "" (needs the pipeline's `text_encoder`), then drop the encoder."""
         if self.pipe.text_encoder is None or self.pipe.tokenizer is None:
-            raise ValueError("decoder.pooled=empty_prompt (FLUX's default) needs FLUX's CLIP text encoder "
+            raise ConfigError("decoder.pooled=empty_prompt (FLUX's default) needs FLUX's CLIP text encoder "
                              "(text_encoder/ and tokenizer/) in the checkpoint; use decoder.pooled=zeros for "
                              "checkpoints without it.")
         self.null_pooled = self.pipe._get_clip_prompt_embeds(prompt="", device=self.device)[0].float().cpu()

@@ -6,13 +6,10 @@ import sys
 
 
 def cmd_eval_cobsat(args) -> int:
-    from ..config import apply_overrides, from_dict
+    from ..config import load_config
     from .config import CobsatEvalConfig
     from .harness import EvalFailed, run_cobsat
-    import yaml
 
-    with open(args.config) as f:
-        data = yaml.safe_load(f) or {}
     cli = []
     for key, value in (("root", args.root), ("shots", args.shots), ("tasks", args.tasks), ("n", args.n),
                        ("method", args.method), ("formatter", args.formatter), ("batch_size", args.batch_size)):
@@ -22,7 +19,7 @@ def cmd_eval_cobsat(args) -> int:
         cli.append(f"judge.kind={args.judge}")
     if args.no_sheets:
         cli.append("cobsat.sheets=false")
-    config = from_dict(CobsatEvalConfig, apply_overrides(data, cli + list(args.overrides)))
+    config = load_config(CobsatEvalConfig, args.config, cli + list(args.overrides))
     try:
         result = run_cobsat(config, args.out, progress=not args.quiet)
     except EvalFailed as err:

@@ -24,6 +24,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import InputError, MissingFileError
 from ..vlm import IMAGE_MARKER
 
 # ---------------------------------------------------------------------------------------- configs.py, verbatim
@@ -113,7 +114,7 @@ def word(item: str) -> str:
 def get_task(task_id: int) -> TaskSpec:
     if task_id not in TASKS:
         names = ", ".join(t.task_name for t in TASKS.values())
-        raise ValueError(f"Unknown CoBSAT task {task_id}; tasks are 1..10 ({names}).")
+        raise InputError(f"Unknown CoBSAT task {task_id}; tasks are 1..10 ({names}).")
     return TASKS[task_id]
 
 
@@ -139,7 +140,7 @@ def load_prompt_lists(root: str | Path | None = None) -> list[dict]:
         committed = Path(root) / "load_datasets" / "prompts_list_default.json"
         if committed.is_file():
             if json.loads(committed.read_text()) != lists:
-                raise ValueError(f"{committed} differs from CoBSAT's seed-123 lists (gen_prompts.py); the protocol "
+                raise InputError(f"{committed} differs from CoBSAT's seed-123 lists (gen_prompts.py); the protocol "
                                  "would not be CoBSAT's. Restore the file from CoBSAT's repository or delete it.")
     return lists
 
@@ -163,10 +164,10 @@ def theme_image_path(root: str | Path, task_type: str, detail: str, obj: str) ->
 def check_dataset(root: str | Path | None, task_ids: list[int]) -> Path:
     """Raise FileNotFoundError (naming what to download and where) unless every image the tasks use is there."""
     if root is None:
-        raise FileNotFoundError("No CoBSAT folder given (--root). " + DOWNLOAD_HINT)
+        raise MissingFileError("No CoBSAT folder given (--root). " + DOWNLOAD_HINT)
     root = Path(str(root)).expanduser().resolve()
     if not (root / "datasets").is_dir():
-        raise FileNotFoundError(f"No CoBSAT dataset at {root / 'datasets'}. " + DOWNLOAD_HINT)
+        raise MissingFileError(f"No CoBSAT dataset at {root / 'datasets'}. " + DOWNLOAD_HINT)
     missing = []
     for task_type in sorted({get_task(t).task_type for t in task_ids}):
         detail_space, obj_space = task_type.split("_")
@@ -176,7 +177,7 @@ def check_dataset(root: str | Path | None, task_ids: list[int]) -> Path:
                 if not path.is_file():
                     missing.append(path)
     if missing:
-        raise FileNotFoundError(f"The CoBSAT dataset at {root / 'datasets'} is incomplete: {len(missing)} images are "
+        raise MissingFileError(f"The CoBSAT dataset at {root / 'datasets'} is incomplete: {len(missing)} images are "
                                 f"missing, e.g. {missing[0]}. " + DOWNLOAD_HINT)
     return root
 
@@ -221,10 +222,10 @@ def build_samples(root: str | Path, task_id: int, shot: int, n: int = NUM_PROMPT
     """CoBSAT's first `n` k-shot samples of a task, exactly as `load_dataset(shot, 'default', task_id)` builds them."""
     task = get_task(task_id)
     if not 1 <= shot <= MAX_SHOT:
-        raise ValueError(f"shot must be in 1..{MAX_SHOT} (the hidden value is entry shot + 1 of a 10-entry list), "
+        raise InputError(f"shot must be in 1..{MAX_SHOT} (the hidden value is entry shot + 1 of a 10-entry list), "
                          f"got {shot}.")
     if not 1 <= n <= NUM_PROMPTS:
-        raise ValueError(f"n must be in 1..{NUM_PROMPTS}, got {n}.")
+        raise InputError(f"n must be in 1..{NUM_PROMPTS}, got {n}.")
     lists = load_prompt_lists(root) if lists is None else lists
     samples = []
     for i in range(n):
@@ -276,7 +277,7 @@ def format_prompt(sample: Sample, formatter: str = "thinkdiff", instruction: str
         texts = list(sample.text_inputs)
         head = "" if instruction is None else instruction
     else:
-        raise ValueError(f"Unknown prompt formatter {formatter!r}; choose one of {', '.join(FORMATTERS)}.")
+        raise InputError(f"Unknown prompt formatter {formatter!r}; choose one of {', '.join(FORMATTERS)}.")
     def image(i):
         if i >= len(sample.image_paths):
             return ""

@@ -5,51 +5,60 @@ Every key can be overridden as `key.sub=value` (`cobsat.n=50`, `judge.kind=oracl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import field
+from typing import Annotated, Literal
 
-from ..config import AlignerSection, DecoderConfig, InferenceConfig, VLMConfig
-from .cobsat import NUM_PROMPTS
+import pydantic
 
-METHODS = ("thinkdiff", "text-bridge", "oracle", "random")
-JUDGE_KINDS = ("engine", "transformers", "oracle")
+from ..config import (AlignerSection, DecoderConfig, Dtype, Fraction, InferenceConfig, PositiveInt, VLMConfig,
+                      config_dataclass)
+from .cobsat import MAX_SHOT, NUM_PROMPTS
+
+Method = Literal["thinkdiff", "text-bridge", "oracle", "random"]
+JudgeKind = Literal["engine", "transformers", "oracle"]
+METHODS = typing.get_args(Method)
+JUDGE_KINDS = typing.get_args(JudgeKind)
 
 
-@dataclass
+@config_dataclass
 class CobsatSection:
     root: str | None = None  # a folder with CoBSAT's datasets/ (or a mini-CoBSAT)
-    shots: list[int] = field(default_factory=lambda: [2, 4])  # ThinkDiff ran 2 and 4 (CoBSAT: 2 4 6 8)
-    tasks: list[int] = field(default_factory=lambda: list(range(1, 11)))
-    n: int = NUM_PROMPTS  # samples per task and shot (CoBSAT: 1000)
-    method: str = "thinkdiff"  # thinkdiff | text-bridge | oracle | random
-    formatter: str = "thinkdiff"  # thinkdiff ("Word i: x, " + ThinkDiff's question) | cobsat ("x: <img>...")
+    shots: Annotated[list[Annotated[int, pydantic.Field(ge=1, le=MAX_SHOT)]], pydantic.Field(min_length=1)] = field(
+        default_factory=lambda: [2, 4])  # ThinkDiff ran 2 and 4 (CoBSAT: 2 4 6 8)
+    tasks: Annotated[list[Annotated[int, pydantic.Field(ge=1, le=10)]], pydantic.Field(min_length=1)] = field(
+        default_factory=lambda: list(range(1, 11)))
+    n: Annotated[int, pydantic.Field(ge=1, le=NUM_PROMPTS)] = NUM_PROMPTS  # samples per task and shot (CoBSAT: 1000)
+    method: Method = "thinkdiff"
+    formatter: Literal["thinkdiff", "cobsat"] = "thinkdiff"  # thinkdiff ("Word i: x, " + ThinkDiff's question) | cobsat ("x: <img>...")
     instruction: str | None = None  # None = the formatter's own (ThinkDiff's question / CoBSAT's "")
     instruction_suffix: str = ""  # appended after the last word (CoBSAT's instruction[1])
     vision_ids: bool = False  # "Picture i: " before each image (Qwen2-VL's add_vision_id=True, ThinkDiff's run)
-    batch_size: int = 8  # samples per VLM batch and per judge batch
+    batch_size: PositiveInt = 8  # samples per VLM batch and per judge batch
     model_name: str | None = None  # results/exps/{model_name}_image/...; None = the method's name
-    jpeg_quality: int = 75  # PIL's default, what CoBSAT's `img.save(save_path + ".jpg")` writes
+    jpeg_quality: Annotated[int, pydantic.Field(ge=1, le=100)] = 75  # PIL's default, what CoBSAT's `img.save(save_path + ".jpg")` writes
     sheets: bool = True  # a PNG per shot and task
-    sheet_rows: int = 8
+    sheet_rows: PositiveInt = 8
     retry_errors: bool = True  # a re-run retries samples whose record holds an error
 
 
-@dataclass
+@config_dataclass
 class JudgeConfig:
-    kind: str = "engine"  # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle
+    kind: JudgeKind = "engine"  # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle
     model: str = "tiny:mllama"  # engine/transformers: model reference (folder, cached repo id, tiny:KIND)
-    backend: str = "transformers"  # engine: transformers | vllm | remote
-    template: str = "llava_v1"  # transformers: llava_v1 (CoBSAT's LLaVA conversation) | chat (processor template)
-    dtype: str = "float32"
+    backend: Literal["transformers", "vllm", "remote"] = "transformers"  # engine
+    template: Literal["llava_v1", "chat"] = "llava_v1"  # transformers: llava_v1 (CoBSAT's LLaVA conversation) | chat (processor template)
+    dtype: Dtype = "float32"
     device: str = "cpu"
-    max_new_tokens: int = 512  # CoBSAT: 512, temperature 0, one beam
+    max_new_tokens: PositiveInt = 512  # CoBSAT: 512, temperature 0, one beam
     system: str | None = None  # engine: system prompt (CoBSAT's LLaVA judge has none beyond its conversation)
-    batch_size: int = 8
-    flip_prob: float = 0.0  # oracle: probability of a wrong answer
+    batch_size: PositiveInt = 8
+    flip_prob: Fraction = 0.0  # oracle: probability of a wrong answer
     reply: str = "{n}"  # oracle: reply template ({n} option number, {word} its label), e.g. "The answer is ({n})."
     seed: int = 0  # oracle: flip randomness
 
 
-@dataclass
+@config_dataclass
 class CobsatEvalConfig:
     # No system message by default: Qwen2-VL's template adds ThinkDiff's "You are a helpful assistant." itself, and
     # Llama-3.2-Vision's refuses one next to images.
@@ -62,16 +71,3 @@ class CobsatEvalConfig:
 
     def inference_config(self) -> InferenceConfig:
         return InferenceConfig(vlm=self.vlm, aligner=self.aligner, decoder=self.decoder, seed=self.seed)
-
-    def validate(self) -> None:
-        c = self.cobsat
-        if c.method not in METHODS:
-            raise ValueError(f"Unknown method {c.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.judge.kind not in JUDGE_KINDS:
-            raise ValueError(f"Unknown judge kind {self.judge.kind!r}; choose one of {', '.join(JUDGE_KINDS)}.")
-        if not c.shots or not c.tasks:
-            raise ValueError("cobsat.shots and cobsat.tasks must not be empty.")
-        if c.batch_size < 1 or self.judge.batch_size < 1:
-            raise ValueError("batch sizes must be >= 1.")
-        if not 0.0 <= self.judge.flip_prob <= 1.0:
-            raise ValueError(f"judge.flip_prob must be in [0, 1], got {self.judge.flip_prob}.")

@@ -19,12 +19,13 @@ import dataclasses
 import logging
 import random
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
+from ..failures import Failure, run_per_item
 from ..pipeline import load_image
 from ..vlm import SamplingConfig, VLMRequest
 from .cobsat import ITEM_DICT, Sample, image_path, theme_image_path
@@ -49,10 +50,6 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)  # this sample's seconds per stage
 
 
-def _error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exception(err)[-3:])
-
-
 class Method:
     name: str
 
@@ -74,7 +71,6 @@ class _VLMMethod(Method):
                  steps: int, guidance_scale: float | None):
         self.engine, self.sampling, self.system, self.seed = engine, sampling, system, seed
         self.height, self.width, self.steps, self.guidance_scale = height, width, steps, guidance_scale
-        self.engine.progress = False
 
     def settings(self) -> dict:
         return {"seed": self.seed, "height": self.height, "width": self.width, "num_inference_steps": self.steps,
@@ -92,21 +88,17 @@ class _VLMMethod(Method):
                 requests.append(VLMRequest(prompt, [load_image(p) for p in sample.image_paths], system=self.system))
             except Exception as err:  # noqa: BLE001 - recorded per sample
                 requests.append(None)
-                errors[i] = _error(err)
+                errors[i] = Failure(err).text
         sampling = SamplingConfig(**{**vars(self.sampling), "seed": self.seed})
         ok = [i for i, r in enumerate(requests) if r is not None]
         states = [None] * len(samples)
-        try:
-            if ok:
-                for i, hs in zip(ok, self.engine.generate([requests[i] for i in ok], self.layers(), sampling)):
-                    states[i] = hs
-        except Exception:  # noqa: BLE001 - isolate the failing sample(s)
-            logger.warning("A VLM batch failed; retrying its %d samples one by one.", len(ok))
-            for i in ok:
-                try:
-                    states[i] = self.engine.generate([requests[i]], self.layers(), sampling)[0]
-                except Exception as err:  # noqa: BLE001
-                    errors[i] = _error(err)
+        results = run_per_item(lambda idx: self.engine.generate([requests[i] for i in idx], self.layers(), sampling,
+                                                                progress=False), ok, "VLM batch")
+        for i, result in zip(ok, results):
+            if isinstance(result, Failure):
+                errors[i] = result.text
+            else:
+                states[i] = result
         return states, errors, time.perf_counter() - start
 
     def generate(self, samples, prompts):
@@ -122,7 +114,7 @@ class _VLMMethod(Method):
                 image = self.draw(hs, timings)
                 out.append(Generation(image, text=hs.text, timings=timings))
             except Exception as err:  # noqa: BLE001
-                out.append(Generation(None, text=hs.text, error=_error(err), timings=timings))
+                out.append(Generation(None, text=hs.text, error=Failure(err).text, timings=timings))
         return out
 
     def draw(self, hs, timings) -> Image.Image:
@@ -148,19 +140,8 @@ class ThinkDiffMethod(_VLMMethod):
     def settings(self):
         return {**super().settings(), "aligner_layer": self.layer, "aligner_embed": self.pipe.aligner.config.embed}
 
-    @torch.no_grad()
     def draw(self, hs, timings):
-        pipe = self.pipe
-        start = time.perf_counter()
-        tokens = pipe.aligner(hs.embed(self.layer, pipe.aligner.config.embed).to(pipe.decoder.device)[None])
-        cond = pipe.decoder.make_conditioning(tokens)
-        timings["aligner"] = time.perf_counter() - start
-        start = time.perf_counter()
-        image = pipe.decoder.generate(cond, num_images_per_prompt=1, height=self.height, width=self.width,
-                                      num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                                      seed=self.seed, progress=False)[0]
-        timings["decoder"] = time.perf_counter() - start
-        return image
+        return self.pipe.decode(hs, seed=self.seed, progress=False, timings=timings)[0]
 
 
 class TextBridgeMethod(_VLMMethod):
@@ -187,7 +168,7 @@ class TextBridgeMethod(_VLMMethod):
         present = _present_components(path)
         missing = [n for n in TEXT_BRIDGE_COMPONENTS[family] if n not in present]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"The text-bridge baseline feeds the VLM's answer to {decoder_cls.display_name}'s own text encoders, "
                 f"but decoder.model={config.decoder.model!r} ({path}) has no {', '.join(missing)}. Use a checkpoint "
                 f"with its text encoders (e.g. the full black-forest-labs/FLUX.1-dev, whose text_encoder_2 is "
@@ -238,7 +219,7 @@ class OracleMethod(Method):
             try:
                 out.append(Generation(load_image(image_path(self.root, s.task, s.query_x, s.theta))))
             except Exception as err:  # noqa: BLE001
-                out.append(Generation(None, error=_error(err)))
+                out.append(Generation(None, error=Failure(err).text))
         return out
 
 
@@ -263,7 +244,7 @@ class RandomMethod(Method):
                 out.append(Generation(load_image(theme_image_path(self.root, s.task.task_type, detail, obj)),
                                       text=f"random: {detail} {obj}"))
             except Exception as err:  # noqa: BLE001
-                out.append(Generation(None, error=_error(err)))
+                out.append(Generation(None, error=Failure(err).text))
         return out
 
 
@@ -280,4 +261,4 @@ def make_method(config, root) -> Method:
         from ..pipeline import ThinkDiffPipeline
 
         return ThinkDiffMethod(ThinkDiffPipeline.from_config(config.inference_config()))
-    raise ValueError(f"Unknown method {name!r}; choose thinkdiff, text-bridge, oracle or random.")
+    raise ConfigError(f"Unknown method {name!r}; choose thinkdiff, text-bridge, oracle or random.")

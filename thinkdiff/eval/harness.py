@@ -28,12 +28,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..atomic import replace_into, save_json
 from ..config import to_dict
+from ..failures import Failure, run_per_item
 from .cobsat import (QUESTION_MAX_CHARS, Protocol, Sample, Verdict, build_samples, check_dataset, format_prompt,
                      judge_questions, load_prompt_lists, score)
 from .config import CobsatEvalConfig
-from .generators import Generation, Method, _error, make_method
+from .generators import Generation, Method, make_method
 from .judges import Judge, ask_many, make_judge
 from .sheets import make_sheet
 from .summary import markdown, summarize
@@ -106,7 +108,6 @@ class CobsatRun:
 
     def __init__(self, config: CobsatEvalConfig, out_dir: str | Path, method: Method | None = None,
                  judge: Judge | None = None, progress: bool = True):
-        config.validate()
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
         self._method, self._judge = method, judge
         c = config.cobsat
@@ -146,7 +147,7 @@ class CobsatRun:
             if old is not None and old != fp:
                 diff = [f"{s}.{k}" for s in fp for k in set(fp[s]) | set(old.get(s, {}))
                         if fp[s].get(k) != old.get(s, {}).get(k)]
-                raise ValueError(f"{self.out_dir} holds a run with different settings ({', '.join(sorted(diff))}); "
+                raise ConfigError(f"{self.out_dir} holds a run with different settings ({', '.join(sorted(diff))}); "
                                  "resume it with the same config or choose another --out.")
         save_json({"fingerprint": fp, "config": to_dict(self.config),
                    "protocol": dataclasses.asdict(Protocol.current())}, run_json)
@@ -244,16 +245,9 @@ class CobsatRun:
                     pass
         todo = [i for i in range(len(batch)) if gens[i] is None]
         if todo:
-            try:
-                out = self.method.generate([batch[i] for i in todo], [prompts[i] for i in todo])
-            except Exception:  # noqa: BLE001 - a method that raises despite its contract: isolate the sample
-                logger.warning("Generation failed for a batch; running its %d samples one by one.", len(todo))
-                out = []
-                for i in todo:
-                    try:
-                        out += self.method.generate([batch[i]], [prompts[i]])
-                    except Exception as err:  # noqa: BLE001
-                        out.append(Generation(None, error=_error(err)))
+            out = [Generation(None, error=g.text) if isinstance(g, Failure) else g for g in run_per_item(
+                lambda idx: self.method.generate([batch[i] for i in idx], [prompts[i] for i in idx]), todo,
+                "generation batch")]
             for i, g in zip(todo, out):
                 gens[i] = g
                 if g.image is not None:
@@ -264,7 +258,7 @@ class CobsatRun:
                                    "image_inputs": s.image_paths, "time": sum(g.timings.values())},
                                   folder / f"{s.save_path}.json")
                     except Exception as err:  # noqa: BLE001
-                        g.error = _error(err)
+                        g.error = Failure(err).text
 
         # Judge the files on disk, as CoBSAT's evaluator does.
         images, verdicts, errors = {}, [None] * len(batch), [g.error for g in gens]
@@ -275,35 +269,27 @@ class CobsatRun:
                     with Image.open(jpg) as im:
                         images[i] = im.convert("RGB")
                 except Exception as err:  # noqa: BLE001
-                    errors[i] = _error(err)
+                    errors[i] = Failure(err).text
         judge_seconds = {}
-        pairs, owners = [], []
-        for i in images:
-            for mode, q in judge_questions(batch[i].task).items():
-                pairs.append((images[i], q[:QUESTION_MAX_CHARS]))
-                owners.append((i, mode))
-        if pairs:
+
+        def judge(idx: list[int]) -> list[tuple[Verdict, float]]:
             start = time.perf_counter()
-            try:
-                answers = ask_many(self.judge, pairs)
-                replies: dict[int, dict] = {}
-                for (i, mode), a in zip(owners, answers):
-                    replies.setdefault(i, {})[mode] = a
-                share = (time.perf_counter() - start) / len(images)
-                for i in images:
-                    verdicts[i] = score(batch[i], replies[i])
-                    judge_seconds[i] = share
-            except Exception:  # noqa: BLE001 - isolate the sample the judge fails on
-                logger.warning("A judge batch failed; asking its %d images one by one.", len(images))
-                for i in images:
-                    start = time.perf_counter()
-                    try:
-                        qs = judge_questions(batch[i].task)
-                        verdicts[i] = score(batch[i], {m: self.judge.ask(images[i], q[:QUESTION_MAX_CHARS])
-                                                       for m, q in qs.items()})
-                    except Exception as err:  # noqa: BLE001
-                        errors[i] = _error(err)
-                    judge_seconds[i] = time.perf_counter() - start
+            pairs, owners = [], []
+            for i in idx:
+                for mode, q in judge_questions(batch[i].task).items():
+                    pairs.append((images[i], q[:QUESTION_MAX_CHARS]))
+                    owners.append((i, mode))
+            replies: dict[int, dict] = {}
+            for (i, mode), a in zip(owners, ask_many(self.judge, pairs), strict=True):
+                replies.setdefault(i, {})[mode] = a
+            share = (time.perf_counter() - start) / len(idx)
+            return [(score(batch[i], replies[i]), share) for i in idx]
+
+        for i, result in zip(images, run_per_item(judge, list(images), "judge batch")):
+            if isinstance(result, Failure):
+                errors[i] = result.text
+            else:
+                verdicts[i], judge_seconds[i] = result
 
         records = []
         for i, s in enumerate(batch):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from ..vlm import SamplingConfig, VLMRequest
 from .cobsat import ITEM_DICT, TASK_TYPES, WORD2ITEM, theme_image_path, word
 
@@ -52,7 +53,6 @@ class EngineJudge:
                  name: str | None = None):
         self.engine, self.max_new_tokens, self.system, self.batch_size = engine, max_new_tokens, system, batch_size
         self.name = name or f"engine:{getattr(engine, 'model_path', type(engine).__name__)}"
-        self.engine.progress = False
 
     def ask(self, image: Image.Image, question: str) -> str:
         return self.ask_many([(image, question)])[0]
@@ -63,7 +63,7 @@ class EngineJudge:
         for start in range(0, len(pairs), self.batch_size):
             requests = [VLMRequest(q, [im.convert("RGB")], system=self.system)
                         for im, q in pairs[start:start + self.batch_size]]
-            out += [hs.text.strip() for hs in self.engine.generate(requests, [], sampling)]
+            out += [hs.text.strip() for hs in self.engine.generate(requests, [], sampling, progress=False)]
         return out
 
 
@@ -100,7 +100,7 @@ class TransformersJudge:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if template not in self.TEMPLATES:
-            raise ValueError(f"Unknown judge template {template!r}; choose one of {', '.join(self.TEMPLATES)}.")
+            raise ConfigError(f"Unknown judge template {template!r}; choose one of {', '.join(self.TEMPLATES)}.")
         self.template, self.max_new_tokens, self.batch_size = template, max_new_tokens, batch_size
         self.processor = AutoProcessor.from_pretrained(str(model_path))
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -228,7 +228,7 @@ def make_judge(config, root: str | Path | None = None) -> Judge:
 
     if config.kind == "oracle":
         if root is None:
-            raise ValueError("The oracle judge needs the dataset folder (--root).")
+            raise ConfigError("The oracle judge needs the dataset folder (--root).")
         return OracleJudge(root, flip_prob=config.flip_prob, reply=config.reply, seed=config.seed)
     if config.kind == "engine":
         vlm = VLMConfig(model=config.model, backend=config.backend, dtype=config.dtype, device=config.device,
@@ -240,4 +240,4 @@ def make_judge(config, root: str | Path | None = None) -> Judge:
                                  dtype=torch_dtype(config.dtype), device=config.device,
                                  max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                  name=f"transformers:{config.model}:{config.template}")
-    raise ValueError(f"Unknown judge kind {config.kind!r}; choose engine, transformers or oracle.")
+    raise ConfigError(f"Unknown judge kind {config.kind!r}; choose engine, transformers or oracle.")

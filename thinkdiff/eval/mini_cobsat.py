@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..errors import InputError
 from ..atomic import atomic_dir
 from .cobsat import ITEM_DICT, TASK_TYPES, prompt_lists, word
 
@@ -255,7 +256,7 @@ def draw(task_type: str, detail: str, obj: str, size: int = 64) -> Image.Image:
     """The mini-CoBSAT drawing of (detail, obj) in theme `task_type`."""
     detail_space, obj_space = task_type.split("_")
     if detail not in ITEM_DICT[detail_space] or obj not in ITEM_DICT[obj_space]:
-        raise ValueError(f"({detail!r}, {obj!r}) is not a {task_type} pair.")
+        raise InputError(f"({detail!r}, {obj!r}) is not a {task_type} pair.")
     array = THEMES[detail_space](detail, obj, size)
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype("uint8"), "RGB")
 
@@ -264,7 +265,7 @@ def write_mini_cobsat(out_dir: str | Path, size: int = 64, quality: int = 95) ->
     """Write the whole mini-CoBSAT (500 JPGs, 5 caption CSVs, the seed-123 sample lists) to `out_dir`, atomically."""
     out_dir = Path(out_dir)
     if size < 32:
-        raise ValueError(f"size must be at least 32 pixels, got {size}.")
+        raise InputError(f"size must be at least 32 pixels, got {size}.")
     with atomic_dir(out_dir) as tmp:
         for task_type in TASK_TYPES:
             detail_space, obj_space = task_type.split("_")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import InputError
 from .cobsat import ITEM_DICT, TASKS, word
 
 GREEN, RED, GREY = (0, 140, 0), (200, 0, 0), (110, 110, 110)
@@ -32,7 +33,7 @@ def make_sheet(records: list[dict], run_dir: str | Path, out_path: str | Path, r
     run_dir, out_path = Path(run_dir), Path(out_path)
     records = sorted(records, key=lambda r: r["index"])[:rows]
     if not records:
-        raise ValueError("No records to draw.")
+        raise InputError("No records to draw.")
     shot = records[0]["shot"]
     task = TASKS[records[0]["task_id"]]
     font = ImageFont.load_default()

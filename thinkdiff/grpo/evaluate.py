@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..vlm import SamplingConfig, VLMRequest
-from ..vlm.transformers_engine import TransformersEngine
+from ..vlm.transformers_engine import TransformersEngine, load_model
 from .passk import auc_at_k, pass_curve
 from .verifiers import get_verifier
 
@@ -23,9 +23,8 @@ def load_policy_engine(path: str | Path, dtype=torch.float32, device: str = "cpu
         from peft import PeftConfig, PeftModel
 
         base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        engine = TransformersEngine(base, dtype=dtype, device=device)
-        engine.model = PeftModel.from_pretrained(engine.model, str(path)).merge_and_unload().eval()
-        return engine
+        merged = PeftModel.from_pretrained(load_model(base, dtype, device), str(path)).merge_and_unload().eval()
+        return TransformersEngine(base, dtype=dtype, device=device, model=merged)
     return TransformersEngine(path, dtype=dtype, device=device)
 
 
@@ -34,7 +33,7 @@ def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer
     among each problem's correct answers (when a clusterer is given)."""
     correct, clusters = [], []
     for problem in tqdm(problems, desc="pass@k", unit="problem"):
-        outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], sampling)
+        outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], sampling, progress=False)
         verify = get_verifier(problem.verifier)
         ok = [verify(o.text, problem.answer) > 0 for o in outs]
         correct.append(ok)

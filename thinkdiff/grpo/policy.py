@@ -11,34 +11,49 @@ from contextlib import nullcontext
 
 import torch
 
+from ..errors import InputError
 from ..atomic import save_safetensors
 from ..rng import generator
 from ..vlm import VLMRequest
-from ..vlm.transformers_engine import TransformersEngine
+from ..vlm.transformers_engine import TransformersEngine, load_model
 
 logger = logging.getLogger(__name__)
 
 
 class Policy:
-    def __init__(self, engine: TransformersEngine, lora_rank: int = 0, lora_alpha: int = 16,
+    """Owns the model being trained (`model`, peft-wrapped with LoRA) and a transformers engine that samples from it
+    (`engine`, which only reads it). `merged_weights()` is what a separate rollout engine loads after each update."""
+
+    def __init__(self, model_path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 max_images: int | None = None, lora_rank: int = 0, lora_alpha: int = 16,
                  lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), keep_reference: bool = True,
                  seed: int = 0):
-        self.engine = engine
         self.lora = lora_rank > 0
+        model = load_model(model_path, dtype, device)
         if self.lora:
             from peft import LoraConfig, get_peft_model
 
-            engine.model = get_peft_model(engine.model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
-                                                                   target_modules=list(lora_targets)))
-            _init_lora(engine.model, seed)
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
+                                                     target_modules=list(lora_targets)))
+            _init_lora(model, seed)
+        self.model = model.eval()
+        self.engine = TransformersEngine(model_path, dtype=dtype, device=device, max_images=max_images, model=model)
         # The reference policy: with LoRA the adapters are switched off, otherwise a frozen copy of the start.
         self.reference = None
         if keep_reference and not self.lora:
-            self.reference = copy.deepcopy(engine.model).eval().requires_grad_(False)
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.engine.model
+    @torch.no_grad()
+    def merged_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The current weights as (name, tensor) pairs under the checkpoint's own names, LoRA merged in."""
+        if not self.lora:
+            return [(name, t.detach()) for name, t in self.model.state_dict().items()]
+        self.model.merge_adapter()
+        try:
+            return [(name.replace(".base_layer", ""), t.detach().clone())
+                    for name, t in self.model.get_base_model().state_dict().items() if "lora_" not in name]
+        finally:
+            self.model.unmerge_adapter()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -77,7 +92,7 @@ class Policy:
 
             result = set_peft_model_state_dict(self.model, load_file(str(path)))
             if result.unexpected_keys:
-                raise ValueError(f"The checkpoint {path} does not fit this policy's adapters "
+                raise InputError(f"The checkpoint {path} does not fit this policy's adapters "
                                  f"(unexpected {result.unexpected_keys[:3]}).")
         else:
             from safetensors.torch import load_model

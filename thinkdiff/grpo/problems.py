@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import InputError, MissingFileError
 from ..pipeline import load_image
 
 
@@ -28,7 +29,7 @@ class Problem:
 def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Problem file {path} not found (JSONL: id, prompt, answer, images, verifier).")
+        raise MissingFileError(f"Problem file {path} not found (JSONL: id, prompt, answer, images, verifier).")
     problems = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -39,9 +40,9 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
                                     images=[load_image(path.parent / p) for p in row.get("images", [])],
                                     verifier=row.get("verifier", "numeric")))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{line_no}: not a problem ({err}).") from None
+            raise InputError(f"{path}:{line_no}: not a problem ({err}).") from None
     if len(set(p.id for p in problems)) != len(problems):
-        raise ValueError(f"{path}: problem ids must be unique.")
+        raise InputError(f"{path}: problem ids must be unique.")
     return problems[:limit]
 
 

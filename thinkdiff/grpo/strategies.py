@@ -173,7 +173,8 @@ def engine_ask(engine, max_new_tokens: int = 512) -> Callable[[str], str]:
     from ..vlm import SamplingConfig, VLMRequest
 
     def ask(prompt: str) -> str:
-        return engine.generate([VLMRequest(prompt)], [], SamplingConfig(max_new_tokens=max_new_tokens))[0].text
+        return engine.generate([VLMRequest(prompt)], [], SamplingConfig(max_new_tokens=max_new_tokens),
+                               progress=False)[0].text
 
     return ask
 

@@ -32,6 +32,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..atomic import atomic_dir
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
 from ..train.accelerator import make_accelerator
@@ -66,17 +67,16 @@ def build_clusterer(cfg: RareRewardConfig):
         return EmbeddingClusterer(cfg.embedding_threshold)
     if cfg.judge == "engine":
         if not cfg.judge_model:
-            raise ValueError("reward.judge=engine needs reward.judge_model (a model folder or tiny:KIND).")
+            raise ConfigError("reward.judge=engine needs reward.judge_model (a model folder or tiny:KIND).")
         judge_engine = TransformersEngine(resolve_model(cfg.judge_model, "reward.judge_model"))
-        judge_engine.progress = False
         return LLMJudgeClusterer(engine_ask(judge_engine, cfg.judge_max_new_tokens),
                                  fallback=EmbeddingClusterer(cfg.embedding_threshold))
     if cfg.judge == "openai":
         if not cfg.judge_url or not cfg.judge_model:
-            raise ValueError("reward.judge=openai needs reward.judge_url and reward.judge_model.")
+            raise ConfigError("reward.judge=openai needs reward.judge_url and reward.judge_model.")
         return LLMJudgeClusterer(openai_ask(cfg.judge_url, cfg.judge_model),
                                  fallback=EmbeddingClusterer(cfg.embedding_threshold))
-    raise ValueError(f"Unknown reward.judge {cfg.judge!r}; choose embedding, engine, openai or none.")
+    raise ConfigError(f"Unknown reward.judge {cfg.judge!r}; choose embedding, engine, openai or none.")
 
 
 def score_group(problem, texts: list[str], clusterer, reward_cfg: RareRewardConfig):
@@ -103,10 +103,10 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     loop, loss_cfg = cfg.train, cfg.loss
     if world > 1 and cfg.rollout_backend == "vllm":
-        raise ValueError("rollout_backend=vllm runs in one process; launch several processes with "
+        raise ConfigError("rollout_backend=vllm runs in one process; launch several processes with "
                          "rollout_backend=transformers, or one process with vllm.")
     if loop.problems_per_step % world:
-        raise ValueError(f"train.problems_per_step={loop.problems_per_step} must be a multiple of the number of "
+        raise ConfigError(f"train.problems_per_step={loop.problems_per_step} must be a multiple of the number of "
                          f"processes ({world}): every process takes whole groups.")
     out = Path(loop.output_dir)
     resume = prepare_run(accelerator, out, loop.resume, loop.overwrite, RESULTS)
@@ -114,10 +114,9 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     problems = load_problems(cfg.problems, cfg.limit)
 
     device = str(accelerator.device) if world > 1 else cfg.policy.device  # one device per process
-    engine = TransformersEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype),
-                                device=device, max_images=cfg.policy.max_images)
-    engine.progress = False
-    policy = Policy(engine, cfg.lora_rank, cfg.lora_alpha, keep_reference=loss_cfg.beta > 0, seed=loop.seed)
+    policy = Policy(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype), device=device,
+                    max_images=cfg.policy.max_images, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                    keep_reference=loss_cfg.beta > 0, seed=loop.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     start = 0
     if resume:
@@ -128,11 +127,9 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
         keep_history(log_path, start, step_of=lambda line: json.loads(line)["step"])
-    rollout_engine = engine
+    rollout_engine = policy.engine
     if cfg.rollout_backend == "vllm":
-        rollout_engine = _vllm_rollout_engine(cfg, policy)
-    elif cfg.rollout_backend != "transformers":
-        raise ValueError(f"rollout_backend must be transformers or vllm, got {cfg.rollout_backend!r}.")
+        rollout_engine = _vllm_rollout_engine(cfg)
     clusterer = build_clusterer(cfg.reward)
     temperature = cfg.policy.temperature
     share = loop.problems_per_step // world  # problems per process and step
@@ -153,7 +150,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                                       temperature=temperature, top_p=cfg.policy.top_p,
                                       seed=loop.seed * 100_003 + step + 1_000_003 * rank)
             with torch.no_grad():
-                outputs = rollout_engine.generate(requests, [], sampling)
+                outputs = rollout_engine.generate(requests, [], sampling, progress=False)
             rollout_seconds = time.perf_counter() - clock
 
             # 2. Rewards, strategy clusters, uniqueness-weighted advantages.
@@ -176,8 +173,8 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
                                           total_completions=len(completions) * world,
                                           longest=int(totals[:, 1].max()),
                                           sum_across_processes=_all_reduce_sum if world > 1 else None)
-            if rollout_engine is not engine:
-                rollout_engine.update_weights(policy.model)
+            if rollout_engine is not policy.engine:
+                rollout_engine.update_weights(policy.merged_weights())
 
             stats = gather_object([(rewards, distinct, step_loss, kl)])  # one entry per process
             rewards = [r for s in stats for r in s[0]]
@@ -253,7 +250,7 @@ def _all_reduce_sum(parameters) -> None:
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
-def _vllm_rollout_engine(cfg: GRPOTrainConfig, policy: Policy):
+def _vllm_rollout_engine(cfg: GRPOTrainConfig):
     from ..vlm.vllm_engine import VLLMEngine
 
     return VLLMEngine(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from ..errors import ConfigError
+
 VERIFIERS: dict[str, Callable[[str, str], float]] = {}
 
 _NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -23,7 +25,7 @@ def register(name: str):
 
 def get_verifier(name: str) -> Callable[[str, str], float]:
     if name not in VERIFIERS:
-        raise ValueError(f"Unknown verifier {name!r}; choose one of {', '.join(sorted(VERIFIERS))}.")
+        raise ConfigError(f"Unknown verifier {name!r}; choose one of {', '.join(sorted(VERIFIERS))}.")
     return VERIFIERS[name]
 
 

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ..errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ def make_accelerator(**kwargs):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     requested = requested_processes()
     if launched == 1 and requested and requested > 1 and not torch.cuda.is_available():
-        raise ValueError(f"`accelerate launch --num_processes {requested}` started one process: on a host without a "
+        raise ConfigError(f"`accelerate launch --num_processes {requested}` started one process: on a host without a "
                          f"GPU accelerate needs --multi_gpu to start {requested} CPU processes in one gloo group "
                          f"(`accelerate launch --multi_gpu --num_processes {requested} train.py ...`).")
     if launched > 1 and not torch.cuda.is_available():

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..aligner import Aligner, AlignerConfig
-from ..config import AlignTrainConfig, OptimConfig, torch_dtype
+from ..config import AlignTrainConfig, InferenceConfig, OptimConfig, torch_dtype
 from ..decoders import load_decoder
+from ..pipeline import ThinkDiffPipeline
 from ..rng import generator
 from ..weights import resolve_model
 from .accelerator import make_accelerator
@@ -37,7 +39,6 @@ from .objectives import DiffusionObjective, RegressionObjective, T5DecoderObject
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("t5_decoder", "diffusion", "regression")
 RESULTS = ("aligner", "losses.txt", "logs", "samples")  # what a run writes into its output folder
 
 
@@ -58,7 +59,7 @@ def thinkdiff_lr_lambda(optim: OptimConfig, max_steps: int):
 def batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> list[int]:
     """The global batch of `step`: a fresh seeded permutation each epoch, last partial batch dropped."""
     if num_samples < batch_size:
-        raise ValueError(f"The dataset has {num_samples} samples, fewer than train.batch_size={batch_size}.")
+        raise ConfigError(f"The dataset has {num_samples} samples, fewer than train.batch_size={batch_size}.")
     per_epoch = num_samples // batch_size
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
@@ -70,7 +71,7 @@ def build_features(cfg: AlignTrainConfig, dataset: ImageCaptionDataset):
     if cfg.train.cache:
         cache = FeatureCache(cfg.train.cache, cfg.layer, cfg.embed)
         if len(cache) != len(dataset):
-            raise ValueError(f"The cache at {cfg.train.cache} has {len(cache)} samples, the dataset {len(dataset)}.")
+            raise ConfigError(f"The cache at {cfg.train.cache} has {len(cache)} samples, the dataset {len(dataset)}.")
         return cache, cache.hidden_size
     from ..vlm import make_engine, sampling_from
 
@@ -80,17 +81,15 @@ def build_features(cfg: AlignTrainConfig, dataset: ImageCaptionDataset):
 
 def build_objective(cfg: AlignTrainConfig, dataset: ImageCaptionDataset, decoder, device):
     name = cfg.objective.name
-    if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}.")
     if name == "diffusion":
         if decoder is None:
-            raise ValueError("The diffusion objective needs a `decoder:` section in the config.")
+            raise ConfigError("The diffusion objective needs a `decoder:` section in the config.")
         return DiffusionObjective(decoder, dataset, cfg.data.image_size)
     from transformers import AutoTokenizer
 
     tokenizer_ref = cfg.objective.vlm_tokenizer or cfg.vlm.model
     if cfg.vlm.backend == "remote" and not cfg.objective.vlm_tokenizer:
-        raise ValueError("With vlm.backend=remote, set objective.vlm_tokenizer to a folder with the VLM's tokenizer.")
+        raise ConfigError("With vlm.backend=remote, set objective.vlm_tokenizer to a folder with the VLM's tokenizer.")
     vlm_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(tokenizer_ref, "objective.vlm_tokenizer")))
     if name == "t5_decoder":
         dtype = cfg.objective.t5_dtype or ("float32" if torch.device(device).type == "cpu" else "bfloat16")
@@ -121,7 +120,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = loop.batch_size // (world * loop.gradient_accumulation_steps)
     if micro * world * loop.gradient_accumulation_steps != loop.batch_size or micro < 1:
-        raise ValueError(f"train.batch_size={loop.batch_size} must split evenly over {world} processes x "
+        raise ConfigError(f"train.batch_size={loop.batch_size} must split evenly over {world} processes x "
                          f"{loop.gradient_accumulation_steps} accumulation steps.")
 
     dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=loop.seed, limit=cfg.data.limit)
@@ -130,7 +129,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     decoder = load_decoder(cfg.decoder) if cfg.decoder is not None and needs_decoder else None
     objective = build_objective(cfg, dataset, decoder, accelerator.device)
     if decoder is not None and decoder.conditioning_dim != objective.output_dim:
-        raise ValueError(f"The objective trains width {objective.output_dim} but {decoder.display_name} expects "
+        raise ConfigError(f"The objective trains width {objective.output_dim} but {decoder.display_name} expects "
                          f"{decoder.conditioning_dim}.")
 
     aligner = Aligner(AlignerConfig(input_dim=hidden_size, output_dim=objective.output_dim, layer=cfg.layer,
@@ -193,7 +192,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
                     save_checkpoint(out, done, lambda d: trained.save_pretrained(d / "aligner"), optimizer,
                                     scheduler, loop.keep_checkpoints)
                 if decoder is not None and loop.sample_every > 0 and done % loop.sample_every == 0:
-                    write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder)
+                    write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder, cfg)
             accelerator.wait_for_everyone()
             if interrupted:
                 bar.close()
@@ -205,7 +204,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     if accelerator.is_main_process:
         accelerator.unwrap_model(aligner).save_pretrained(final)
         if decoder is not None and loop.sample_every >= 0:
-            write_sample(out, loop.max_steps, accelerator.unwrap_model(aligner), features, decoder)
+            write_sample(out, loop.max_steps, accelerator.unwrap_model(aligner), features, decoder, cfg)
         if len(getattr(dataset, "skipped", ())):
             logger.warning("%d unreadable samples were skipped", len(dataset.skipped))
     accelerator.wait_for_everyone()
@@ -213,15 +212,15 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     return final
 
 
-@torch.no_grad()
-def write_sample(out: Path, step: int, aligner: Aligner, features, decoder) -> None:
-    """One image from the first dataset sample's VLM states: OUT/samples/step-N.png."""
+def write_sample(out: Path, step: int, aligner: Aligner, features, decoder, cfg: AlignTrainConfig) -> None:
+    """One image from the first dataset sample's VLM states, drawn as the config's `decoder:` section says (size,
+    steps, guidance; seed train.seed): OUT/samples/step-N.png."""
     sample = features.get([0])
     if not sample:
         return
-    tokens = aligner(sample[0].embed[None].to(decoder.device))
-    image = decoder.generate(decoder.make_conditioning(tokens.to(decoder.dtype)), height=64, width=64,
-                             num_inference_steps=4, seed=0, progress=False)[0]
+    pipe = ThinkDiffPipeline(None, aligner.eval(), decoder, config=InferenceConfig(decoder=cfg.decoder))
+    image = pipe.decode(sample[0].embed, seed=cfg.train.seed, progress=False)[0]
+    aligner.train()
     (out / "samples").mkdir(parents=True, exist_ok=True)
     image.save(out / "samples" / f"step-{step:06d}.png")
 

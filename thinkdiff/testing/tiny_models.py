@@ -4,19 +4,21 @@ Tests, demos and benchmarks run on these. Each keeps the real *interfaces* of it
 template, special tokens, conditioning widths such as FLUX's 4096 + 768 pooled) with a tiny backbone.
 Attention heads are 32 wide so the same checkpoints also run in vLLM's CPU backend.
 
-    >>> from thinkdiff.tiny import make_tiny
+    >>> from thinkdiff.testing.tiny_models import make_tiny
     >>> make_tiny("/tmp/tiny-mllama", "mllama")   # save_pretrained layout, reloads with from_pretrained
 """
 
 from __future__ import annotations
 
 import os
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
+from ..errors import ConfigError
 
 VLM_KINDS = ("llama", "mllama", "qwen2-vl")
 TEXT_ENCODER_KINDS = ("t5",)
@@ -82,24 +84,24 @@ def default_cache_dir() -> Path:
 
 
 def tiny_path(kind: str) -> Path:
-    """Path of the cached tiny model of `kind`, built on first use (atomically, so concurrent users are safe)."""
+    """Path of the cached tiny model of `kind`, built on first use. Processes that ask at once take turns on a file
+    lock: the first builds, the others find it built."""
+    from filelock import FileLock
+
     _check_kind(kind)
     path = default_cache_dir() / "tiny" / f"{kind}-v{TINY_VERSION}"
     if (path / ".complete").exists():
         return path
-    if _distributed_rank() > 0:  # in a process group transformers saves on rank 0 only: wait for its copy
-        deadline = time.monotonic() + 600
-        while not (path / ".complete").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Waited 10 min for rank 0 to build the tiny {kind} model in {path}.")
-            time.sleep(0.2)
-        return path
-    make_tiny(path, kind, replace=False)  # separate processes that build it at once: the first copy stays
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / ".complete").exists():
+            if torch.distributed.is_initialized():
+                # In a process group transformers writes files on rank 0 only: build in a process of its own.
+                subprocess.run([sys.executable, "-c", f"from {__name__} import make_tiny; "
+                                f"make_tiny({str(path)!r}, {kind!r})"], check=True)
+            else:
+                make_tiny(path, kind)
     return path
-
-
-def _distributed_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: bool = True, **options) -> Path:
@@ -117,7 +119,7 @@ def make_tiny(out_dir: str | os.PathLike, kind: str, seed: int = 0, replace: boo
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"Unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}.")
+        raise ConfigError(f"Unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}.")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
