@@ -77,3 +77,29 @@ def test_embedding_clusterer_groups_paraphrases_offline():
     labels = clusterer.cluster("What is 3 + 4?", solutions)
     assert labels[0] == labels[1]
     assert len({labels[0], labels[2], labels[3]}) == 3
+
+
+def test_embedding_clusters_are_the_components_of_the_similarity_graph():
+    """Single linkage cut at 1 - threshold = connected components of "cosine >= threshold" (reference: BFS)."""
+    import numpy as np
+
+    clusterer = EmbeddingClusterer.__new__(EmbeddingClusterer)
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        emb = rng.normal(size=(8, 4))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        clusterer.threshold = float(rng.uniform(0.0, 0.9))
+        clusterer.embed = lambda texts, emb=emb: emb
+        labels = clusterer.cluster("", [str(i) for i in range(8)])
+        similar = emb @ emb.T >= clusterer.threshold
+        reference, seen = [None] * 8, 0
+        for start in range(8):
+            if reference[start] is None:
+                stack = [start]
+                while stack:
+                    i = stack.pop()
+                    if reference[i] is None:
+                        reference[i] = seen
+                        stack += [j for j in range(8) if similar[i, j] and reference[j] is None]
+                seen += 1
+        assert labels == reference, (trial, labels, reference)

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from thinkdiff.config import AlignTrainConfig, OptimConfig, apply_overrides, from_dict
-from thinkdiff.train.align import batch_indices, thinkdiff_lr_lambda, train_aligner
+from thinkdiff.train.align import batch_indices, thinkdiff_lr_scheduler, train_aligner
 from thinkdiff.train.data import ImageCaptionDataset
 from thinkdiff.train.toy_dataset import write_toy_dataset
 
@@ -218,12 +218,26 @@ def test_trained_aligner_loads_into_pipeline_and_changes_images(toy, cache, tmp_
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
-def test_schedule_and_batches():
-    f = thinkdiff_lr_lambda(OptimConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=10), max_steps=110)
-    assert f(0) * 1e-4 == pytest.approx(1e-6)
-    assert f(10) * 1e-4 == pytest.approx(1e-4)
-    assert f(60) * 1e-4 == pytest.approx(9e-5)
-    assert f(110) * 1e-4 == pytest.approx(8e-5)
+@pytest.mark.parametrize("warmup_steps", [0, 10])
+def test_schedule_is_thinkdiffs(warmup_steps):
+    """torch's schedulers give ThinkDiff's closed form at every step: linear warmup, then cosine to min_lr."""
+    import math
+
+    optim, max_steps = OptimConfig(lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=warmup_steps), 110
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    scheduler = thinkdiff_lr_scheduler(optimizer, optim, max_steps)
+    for step in range(max_steps + 1):
+        if step < warmup_steps:
+            expected = optim.warmup_lr + (optim.lr - optim.warmup_lr) * step / warmup_steps
+        else:
+            progress = (step - warmup_steps) / (max_steps - warmup_steps)
+            expected = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_batches():
     epoch = [i for step in range(4) for i in batch_indices(step, 8, 2, seed=0)]
     assert sorted(epoch) == list(range(8))
     assert batch_indices(4, 8, 2, 0) != batch_indices(0, 8, 2, 0)

@@ -24,10 +24,6 @@ class Conditioning:
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     negative_attention_mask: torch.Tensor | None = None
 
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
     def to(self, device=None, dtype=None) -> "Conditioning":
         """Move every tensor; masks keep their integer dtype."""
         moved = {}
@@ -38,3 +34,8 @@ class Conditioning:
                 value = value.to(device=device, dtype=None if is_mask else dtype)
             moved[f.name] = value
         return Conditioning(**moved)
+
+    def repeat_interleave(self, repeats: int) -> "Conditioning":
+        """Each of the B rows `repeats` times in a row: a batch of B * repeats, prompt-major."""
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None else
+                               getattr(self, f.name).repeat_interleave(repeats, dim=0) for f in fields(self)})

@@ -144,15 +144,16 @@ class Decoder:
     def generate(self, cond: Conditioning, num_images_per_prompt: int = 1, height: int = 512, width: int = 512,
                  num_inference_steps: int = 28, guidance_scale: float | None = None, seed: int = 0,
                  progress: bool = True) -> list[Image.Image]:
-        """Images from `cond`: B * num_images_per_prompt PIL images, prompt-major."""
+        """Images from `cond`: B * num_images_per_prompt PIL images, prompt-major. The conditioning is repeated
+        here, as diffusers does for a text prompt (its FLUX and SD3 pipelines do not repeat given pooled
+        embeddings), so image i of prompt b gets the latents diffusers would give it."""
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_conditioning(cond, guidance_scale)
-        cond = cond.to(self.device, self.dtype)
+        cond = cond.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt)
         self.pipe.set_progress_bar_config(disable=not progress, desc=f"{self.display_name} denoise")
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        out = self.pipe(**self.pipeline_kwargs(cond, guidance_scale), num_images_per_prompt=num_images_per_prompt,
-                        height=height, width=width, num_inference_steps=num_inference_steps,
-                        generator=generator, output_type="pil")
+        out = self.pipe(**self.pipeline_kwargs(cond, guidance_scale), num_images_per_prompt=1, height=height,
+                        width=width, num_inference_steps=num_inference_steps, generator=generator, output_type="pil")
         return out.images
 
     # --------------------------------------------------------------------------------------- training

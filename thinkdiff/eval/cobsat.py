@@ -186,7 +186,7 @@ def check_dataset(root: str | Path | None, task_ids: list[int]) -> Path:
 
 
 @dataclass
-class Sample:
+class CobsatSample:
     task_id: int
     shot: int
     index: int  # position in the 1000 sample lists
@@ -218,7 +218,7 @@ class Sample:
 
 
 def build_samples(root: str | Path, task_id: int, shot: int, n: int = NUM_PROMPTS,
-                  lists: list[dict] | None = None) -> list[Sample]:
+                  lists: list[dict] | None = None) -> list[CobsatSample]:
     """CoBSAT's first `n` k-shot samples of a task, exactly as `load_dataset(shot, 'default', task_id)` builds them."""
     task = get_task(task_id)
     if not 1 <= shot <= MAX_SHOT:
@@ -237,7 +237,7 @@ def build_samples(root: str | Path, task_id: int, shot: int, n: int = NUM_PROMPT
             gt_obj, gt_detail = x_items[-1], theta
         else:
             gt_obj, gt_detail = theta, x_items[-1]
-        samples.append(Sample(
+        samples.append(CobsatSample(
             task_id=task_id, shot=shot, index=i, theta=theta, x_items=x_items, x_words=x_words,
             text_inputs=[f"{w}: " for w in x_words],
             image_paths=[str(image_path(root, task, x_items[j], theta)) for j in range(shot)],
@@ -257,7 +257,7 @@ THINKDIFF_INSTRUCTION = (
 FORMATTERS = ("thinkdiff", "cobsat")
 
 
-def format_prompt(sample: Sample, formatter: str = "thinkdiff", instruction: str | None = None,
+def format_prompt(sample: CobsatSample, formatter: str = "thinkdiff", instruction: str | None = None,
                   suffix: str = "", vision_ids: bool = False) -> str:
     """The VLM prompt with one `<image>` marker per in-context image.
 
@@ -340,7 +340,7 @@ class Verdict:
         return asdict(self)
 
 
-def score(sample: Sample, responses: dict[str, str] | None) -> Verdict:
+def score(sample: CobsatSample, responses: dict[str, str] | None) -> Verdict:
     """The verdict from the judge's two replies; `None` (no image) is a missing output: wrong on every check."""
     task = sample.task
     if responses is None:
@@ -359,7 +359,7 @@ def score(sample: Sample, responses: dict[str, str] | None) -> Verdict:
 
 
 @dataclass
-class Protocol:
+class CobsatProtocol:
     """What a run's numbers depend on, stored with the summary."""
 
     prompt_seed: int = PROMPT_SEED
@@ -367,7 +367,7 @@ class Protocol:
     lists_sha256: str = field(default="")
 
     @classmethod
-    def current(cls) -> "Protocol":
+    def current(cls) -> "CobsatProtocol":
         import hashlib
 
         text = json.dumps(prompt_lists(), separators=(",", ":"))

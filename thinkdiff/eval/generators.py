@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..failures import Failure, run_per_item
 from ..pipeline import load_image
 from ..vlm import SamplingConfig, VLMRequest
-from .cobsat import ITEM_DICT, Sample, image_path, theme_image_path
+from .cobsat import ITEM_DICT, CobsatSample, image_path, theme_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Generation:
 class Method:
     name: str
 
-    def generate(self, samples: list[Sample], prompts: list[str]) -> list[Generation]:
+    def generate(self, samples: list[CobsatSample], prompts: list[str]) -> list[Generation]:
         raise NotImplementedError
 
     def settings(self) -> dict:

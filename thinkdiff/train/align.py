@@ -9,7 +9,6 @@ stopped, and a run on several processes sees the same global batches as a run on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -42,18 +41,17 @@ logger = logging.getLogger(__name__)
 RESULTS = ("aligner", "losses.txt", "logs", "samples")  # what a run writes into its output folder
 
 
-def thinkdiff_lr_lambda(optim: OptimConfig, max_steps: int):
-    """Multiplier of `optim.lr` at each step: linear warmup from warmup_lr, then cosine down to min_lr."""
+def thinkdiff_lr_scheduler(optimizer, optim: OptimConfig, max_steps: int):
+    """ThinkDiff's schedule from torch's schedulers: linear warmup from warmup_lr to lr over warmup_steps, then
+    cosine down to min_lr at max_steps."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            lr = optim.warmup_lr + (optim.lr - optim.warmup_lr) * step / optim.warmup_steps
-        else:
-            progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-            lr = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return lr / optim.lr
-
-    return factor
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, max_steps - optim.warmup_steps), eta_min=optim.min_lr)
+    if optim.warmup_steps == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=optim.warmup_lr / optim.lr, end_factor=1.0,
+                      total_iters=optim.warmup_steps)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[optim.warmup_steps])
 
 
 def batch_indices(step: int, num_samples: int, batch_size: int, seed: int) -> list[int]:
@@ -137,7 +135,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
     objective.init_aligner(aligner)
     optimizer = torch.optim.AdamW(param_groups(aligner, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, thinkdiff_lr_lambda(cfg.optim, loop.max_steps))
+    scheduler = thinkdiff_lr_scheduler(optimizer, cfg.optim, loop.max_steps)
 
     resume = prepare_run(accelerator, out, loop.resume, loop.overwrite, RESULTS)
     start = 0

@@ -30,11 +30,24 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass
-class Sample:
+class ImageCaptionSample:
     index: int
     image: Image.Image
     caption: str
     prompt: str  # the instruction the VLM answers about the image
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """An image inside a WebDataset .tar shard: `size` bytes at byte `offset`."""
+
+    shard: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.name}"
 
 
 class ImageCaptionDataset:
@@ -63,7 +76,7 @@ class ImageCaptionDataset:
     def prompt(self, index: int) -> str:
         return random.Random(self.seed * 1_000_003 + index).choice(self.prompts)
 
-    def load(self, index: int) -> Sample | None:
+    def load(self, index: int) -> ImageCaptionSample | None:
         """The sample at `index`, or None (counted in `skipped`) if its image cannot be read."""
         ref, caption = self.entries[index]
         try:
@@ -73,7 +86,7 @@ class ImageCaptionDataset:
                 self.skipped.add(index)
                 logger.warning("Skipping sample %d (%s): %s (%d skipped so far)", index, ref, err, len(self.skipped))
             return None
-        return Sample(index=index, image=image, caption=caption, prompt=self.prompt(index))
+        return ImageCaptionSample(index=index, image=image, caption=caption, prompt=self.prompt(index))
 
     # --------------------------------------------------------------------------------------- sources
 
@@ -114,14 +127,18 @@ class ImageCaptionDataset:
                         caption = tar.extractfile(parts["txt"]).read().decode().strip()
                     elif "json" in parts:
                         caption = json.loads(tar.extractfile(parts["json"]).read()).get("caption", "")
-                    entries.append(((shard, parts[image_ext].name), caption))
+                    image = parts[image_ext]  # an index built once: where its bytes lie in the shard
+                    entries.append((ShardMember(shard, image.name, image.offset_data, image.size), caption))
         return entries
 
     @staticmethod
     def _open(ref) -> Image.Image:
-        if isinstance(ref, tuple):  # (shard, member)
-            with tarfile.open(ref[0]) as tar:
-                data = tar.extractfile(ref[1]).read()
+        if isinstance(ref, ShardMember):  # one seek and read, without parsing the tar again
+            with open(ref.shard, "rb") as f:
+                f.seek(ref.offset)
+                data = f.read(ref.size)
+            if len(data) != ref.size:
+                raise OSError(f"{ref.shard} is truncated at member {ref.name}")
             image = Image.open(io.BytesIO(data))
         else:
             image = Image.open(ref)
