@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -439,8 +440,28 @@ def test_transformers_judge_uses_llava_v1_conversation(tmp_path):
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: <image>\n" + q + " ASSISTANT:")
     images = [Image.new("RGB", (40, 20), (255, 0, 0)), Image.new("RGB", (30, 30), (0, 0, 255))]
+
+    class Recording:  # the processor, recording the images it is given
+        def __init__(self, processor):
+            self.processor, self.images = processor, []
+
+        def __call__(self, *args, images=None, **kwargs):
+            self.images += list(images)
+            return self.processor(*args, images=images, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.processor, name)
+
+    judge.processor = Recording(judge.processor)
     answers = ask_many(judge, [(images[0], q), (images[1], q)])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # LLaVA-1.5's `image_aspect_ratio: pad`: the 40x20 image is centred on a 40x40 square of CLIP's mean colour
+    # (0.48145466, 0.4578275, 0.40821073) -> (123, 117, 104); the square image is passed as it is.
+    expected = Image.new("RGB", (40, 40), (123, 117, 104))
+    expected.paste(images[0], (0, 10))
+    assert judge.processor.images[0].size == (40, 40)
+    assert np.array_equal(np.asarray(judge.processor.images[0]), np.asarray(expected))
+    assert np.array_equal(np.asarray(judge.processor.images[1]), np.asarray(images[1]))
     assert judge.ask(images[1], q) == answers[1]
 
 

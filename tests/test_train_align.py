@@ -204,18 +204,63 @@ def test_dataset_formats_agree(toy, tmp_path):
         ImageCaptionDataset(tmp_path / "nowhere", ["x"])
 
 
-def test_trained_aligner_loads_into_pipeline_and_changes_images(toy, cache, tmp_path):
+def test_trained_aligner_drives_the_pipeline(toy, cache, tmp_path):
+    """The pipeline with a trained aligner draws exactly the image of a reference computation: the VLM's layer
+    states through the trained weights (loaded by hand), then a direct diffusers FLUX call with those tokens."""
+    from diffusers import FluxPipeline
+
+    from thinkdiff.aligner import Aligner
     from thinkdiff.pipeline import ThinkDiffPipeline
 
     final = train_aligner(config(toy, tmp_path, f"train.cache={cache}", "train.max_steps=5",
                                  "train.checkpoint_every=0"))
     assert (tmp_path / "samples" / "step-000005.png").is_file()
-    fast = ["decoder.height=64", "decoder.width=64", "decoder.num_inference_steps=2", "vlm.max_new_tokens=16"]
-    untrained = ThinkDiffPipeline.from_config(ROOT / "configs" / "tiny.yaml", fast)
+    fast = ["decoder.height=64", "decoder.width=64", "decoder.num_inference_steps=2", "vlm.max_new_tokens=16",
+            "decoder.pooled=zeros"]
     trained = ThinkDiffPipeline.from_config(ROOT / "configs" / "tiny.yaml", fast + [f"aligner.path={final}"])
-    a = np.asarray(untrained("a red circle", seed=0, progress=False).images[0])
-    b = np.asarray(trained("a red circle", seed=0, progress=False).images[0])
-    assert a.shape == b.shape and not np.array_equal(a, b)
+    out = trained("a red circle", seed=7, progress=False)
+
+    aligner = Aligner.from_pretrained(final)
+    with torch.no_grad():
+        layer = trained.engine.resolve_layers([aligner.config.layer])[0]
+        tokens = aligner(out.hidden_states[0].embed(layer, aligner.config.embed)[None])
+    pipe = FluxPipeline.from_pretrained(trained.config.decoder.model if not trained.config.decoder.model.startswith(
+        "tiny:") else str(tiny_flux_path()), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    expected = pipe(prompt_embeds=tokens, pooled_prompt_embeds=torch.zeros(1, 768), height=64, width=64,
+                    num_inference_steps=2, guidance_scale=trained.settings()["guidance_scale"],
+                    generator=torch.Generator().manual_seed(7), output_type="pil").images[0]
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(expected))
+    untrained = ThinkDiffPipeline.from_config(ROOT / "configs" / "tiny.yaml", fast)
+    assert not np.array_equal(np.asarray(untrained("a red circle", seed=7, progress=False).images[0]),
+                              np.asarray(expected))
+
+
+def tiny_flux_path():
+    from thinkdiff.weights import resolve_model
+
+    return resolve_model("tiny:flux")
+
+
+def test_gradient_accumulation_equals_the_whole_batch(toy, cache, tmp_path, monkeypatch):
+    """fp32: batch 4 in one step == 2 accumulated micro-batches of 2. The gradient AdamW steps with is compared (Adam
+    itself is blind to a gradient's scale, so weights alone could not show a missing 1/accumulation factor), then
+    the losses and the trained weights (Adam's normalisation turns float noise into ~1e-5 differences)."""
+    grads, step = {}, torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads.setdefault(run, []).append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    common = [f"train.cache={cache}", "train.max_steps=4", "train.checkpoint_every=0", "train.sample_every=-1"]
+    for run, extra in (("whole", []), ("accumulated", ["train.gradient_accumulation_steps=2"])):
+        train_aligner(config(toy, tmp_path / run, *extra, *common))
+    assert len(grads["whole"]) == len(grads["accumulated"]) == 4  # one optimizer step per training step
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads["whole"][0], grads["accumulated"][0]))
+    assert np.allclose(losses(tmp_path / "whole"), losses(tmp_path / "accumulated"), rtol=1e-5, atol=1e-6)
+    a = load_file(tmp_path / "whole" / "aligner" / "model.safetensors")
+    b = load_file(tmp_path / "accumulated" / "aligner" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 @pytest.mark.parametrize("warmup_steps", [0, 10])
