@@ -58,7 +58,7 @@ def main() -> None:
         config = load_config(InferenceConfig, ROOT / "configs" / "llama32_vision_flux.yaml", base + settings)
         print(f"\n{gpu}: {' '.join(settings)}")
         try:
-            plan = plan_memory(config, lambda device: GPUS[gpu] if device.startswith("cuda") else 256 * GIB)
+            plan = plan_memory(config, lambda device, gpu=gpu: GPUS[gpu] if device.startswith("cuda") else 256 * GIB)
             print(plan.describe())
             plan.check()
             print("fits")

@@ -66,7 +66,7 @@ def bench(kind: str, n: int, tokens: int, rounds: int) -> None:
     del engine  # one vLLM engine at a time
     hf = TransformersEngine(tiny_path(kind))
     hf.generate(fresh()[:2], last, sampling)  # warm-up
-    hf_s = statistics.median(timed(lambda: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
+    hf_s = statistics.median(timed(lambda r=r: hf.generate(r, last, sampling)) for r in (fresh() for _ in range(3)))
 
     label = ("tiny Llama, text" if kind == "llama" else
              "tiny Mllama, one 70x40 image per request (560-px tiles), vLLM plugin")
@@ -97,7 +97,7 @@ def medians(engine, fresh, sampling, layer_sets: dict[str, list[int]], rounds: i
     for _ in range(rounds):
         for name, layers in layer_sets.items():
             requests = fresh()
-            times[name].append(timed(lambda: engine.generate(requests, layers, sampling)))
+            times[name].append(timed(lambda r=requests, ls=layers: engine.generate(r, ls, sampling)))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -11,8 +11,16 @@ from PIL import Image
 
 from thinkdiff.config import apply_overrides, from_dict
 from thinkdiff.eval import cobsat
-from thinkdiff.eval.cobsat import (ITEM_DICT, TASKS, build_samples, format_prompt, judge_questions, parse_option,
-                                   prompt_lists, score)
+from thinkdiff.eval.cobsat import (
+    ITEM_DICT,
+    TASKS,
+    build_samples,
+    format_prompt,
+    judge_questions,
+    parse_option,
+    prompt_lists,
+    score,
+)
 from thinkdiff.eval.config import CobsatEvalConfig
 from thinkdiff.eval.generators import Generation, Method, OracleMethod
 from thinkdiff.eval.harness import CobsatRun, load_records, run_cobsat
@@ -406,8 +414,7 @@ def test_text_bridge_needs_the_decoders_text_encoders(mini, tmp_path, tiny):
 def make_tiny_llava(out: Path) -> Path:
     """A tiny LLaVA (CLIP vision tower + Llama) with llava-hf's processor layout (PIL image processor)."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
-        LlavaProcessor
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from thinkdiff.testing.tiny_models import _llama_tokenizer

@@ -4,8 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from thinkdiff.config import (AlignTrainConfig, GRPOTrainConfig, InferenceConfig, apply_overrides, load_config,
-                              load_training_config)
+from thinkdiff.config import (
+    AlignTrainConfig,
+    GRPOTrainConfig,
+    InferenceConfig,
+    apply_overrides,
+    load_config,
+    load_training_config,
+)
 from thinkdiff.errors import ConfigError, MissingFileError
 from thinkdiff.eval.config import CobsatEvalConfig
 

@@ -122,6 +122,7 @@ def test_shape_errors_name_expected_widths(decoder):
 def test_flux_empty_prompt_pooled_is_clip_of_empty_string(tiny):
     """ThinkDiff's pooled vector: FLUX's CLIP-L pooled embedding of "", computed once; the encoder is then freed."""
     from diffusers import FluxPipeline
+
     from thinkdiff.decoders.flux import FluxDecoder
 
     dec = FluxDecoder.from_pretrained(tiny("flux"), keep_components=("text_encoder", "tokenizer"))

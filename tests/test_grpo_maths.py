@@ -1,4 +1,4 @@
-"""The GRPO maths on hand-computed cases (../shared/research/grpo-rare.md §4, §6; TRL's ddof=1, eps=1e-4)."""
+"""The GRPO maths on hand-computed cases (arXiv 2601.08763 Eq. 1-5; TRL 1.16's ddof=1, eps=1e-4)."""
 
 import math
 

@@ -4,7 +4,7 @@ import string
 
 import pytest
 
-from thinkdiff.grpo.strategies import (EmbeddingClusterer, LLMJudgeClusterer, judge_prompt, parse_judge_reply)
+from thinkdiff.grpo.strategies import EmbeddingClusterer, LLMJudgeClusterer, judge_prompt, parse_judge_reply
 
 
 @pytest.mark.parametrize("reply, labels", [

@@ -119,7 +119,6 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
     from thinkdiff.grpo.trainer import update_policy
     from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import VLMRequest
-    from thinkdiff.vlm.transformers_engine import TransformersEngine
 
     torch.manual_seed(0)
     policy = Policy(tiny_path("qwen2-vl"), keep_reference=True)
@@ -154,9 +153,10 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
         torch.testing.assert_close(a + b, want, atol=1e-6, rtol=1e-4)
 
 
-def test_grpo_on_two_processes(task, tmp_path):
-    """`accelerate launch --num_processes 2`: each process rolls out one group, gradients are summed; the log holds
-    both processes' rewards. problems_per_step that does not split into whole groups is refused."""
+def test_grpo_on_two_processes_equals_one(task, tmp_path):
+    """`accelerate launch --num_processes 2`: each process rolls out one group (its requests sample as their places
+    in the whole step's call), gradients are summed: the rewards, losses and trained weights equal a one-process
+    run's. problems_per_step that does not split into whole groups is refused."""
     import os
     import subprocess
     import sys
@@ -171,11 +171,73 @@ def test_grpo_on_two_processes(task, tmp_path):
             timeout=600)
 
     run = launch(tmp_path / "two", "train.problems_per_step=2", "train.group_size=4")
-    assert run.returncode == 0, [l for l in run.stderr.splitlines() if "error" in l.lower()][:5]
+    assert run.returncode == 0, [line for line in run.stderr.splitlines() if "error" in line.lower()][:5]
     assert "2 process(es), MULTI_CPU" in run.stderr  # one gloo group, not two lone runs
     log = rows(tmp_path / "two")
     assert [r["step"] for r in log] == [1, 2]
     assert all(r["reward"] in {i / 8 for i in range(9)} for r in log)  # means over 2 groups x 4 answers
-    assert (tmp_path / "two" / "policy" / "model.safetensors").exists()
+    one = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "grpo_tiny.yaml"),
+         f"problems={task}", f"train.output_dir={tmp_path / 'one'}", "train.max_steps=2", "train.checkpoint_every=0",
+         "train.problems_per_step=2", "train.group_size=4"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for a, b in zip(rows(tmp_path / "one"), log, strict=True):
+        assert a["reward"] == b["reward"] and a["clusters_among_correct"] == b["clusters_among_correct"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7) and a["kl"] == pytest.approx(b["kl"], abs=1e-7)
+    weights = [load_file(tmp_path / run / "policy" / "model.safetensors") for run in ("one", "two")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
     odd = launch(tmp_path / "odd", "train.problems_per_step=3")
     assert odd.returncode != 0 and "multiple of the number of processes (2)" in odd.stderr
+
+
+def test_uniqueness_weights_reach_the_update(task, tmp_path, monkeypatch):
+    """The advantages the policy update receives are w * z computed by hand from the verifier's rewards and the
+    clusterer's labels (w = cluster size ** -alpha), not the plain GRPO z."""
+    from thinkdiff.grpo import trainer
+    from thinkdiff.grpo.verifiers import get_verifier
+
+    class ByLength:  # a deterministic strategy clusterer: answers of equal length share a strategy
+        calls = 0
+
+        def cluster(self, problem, solutions):
+            ByLength.calls += 1
+            return [len(s) % 3 for s in solutions]
+
+    seen, update = [], trainer.update_policy
+
+    def recording_update(policy, optimizer, requests, completions, advantages, *args, **kwargs):
+        seen.append(advantages.clone())
+        return update(policy, optimizer, requests, completions, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_clusterer", lambda cfg: ByLength())
+    monkeypatch.setattr(trainer, "update_policy", recording_update)
+    texts, generate = [], trainer.TransformersEngine.generate
+
+    def recording_generate(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        texts.append([o.text for o in out])
+        return out
+
+    monkeypatch.setattr(trainer.TransformersEngine, "generate", recording_generate)
+    problems = load_problems(coin_task(task, tmp_path / "coin"))
+    train_grpo(config(tmp_path / "coin" / "problems.jsonl", tmp_path / "run", "train.max_steps=2",
+                      "reward.alpha=0.5"))
+    assert len(seen) == 2 and ByLength.calls > 0
+    weighted = 0
+    for step, (advantages, step_texts) in enumerate(zip(seen, texts)):
+        from thinkdiff.train.align import batch_indices
+
+        batch = [problems[i] for i in batch_indices(step, len(problems), 2, 0)]
+        k = len(step_texts) // len(batch)
+        expected = []
+        for g, problem in enumerate(batch):
+            group = step_texts[g * k:(g + 1) * k]
+            r = torch.tensor([get_verifier("coin")(t, problem.answer) for t in group], dtype=torch.float64)
+            z = (r - r.mean()) / (r.std() + 1e-4)
+            labels = [len(t) % 3 for t in group]
+            w = torch.tensor([labels.count(lab) for lab in labels], dtype=torch.float64) ** -0.5
+            expected.append(w * z if len(set(r.tolist())) > 1 else z)
+            weighted += int(len(set(r.tolist())) > 1 and not torch.allclose(w * z, z))
+        torch.testing.assert_close(advantages, torch.cat(expected).float())
+    assert weighted > 0  # some group's weights were not all 1, so this compared w * z with z

@@ -101,7 +101,7 @@ def test_diffusion_objective_learns(toy, cache, tiny, family):
 
 def test_diffusion_objective_in_the_loop(toy, cache, tmp_path):
     cfg = config(toy, tmp_path, "objective.name=diffusion", f"train.cache={cache}", "train.max_steps=3",
-                 "train.checkpoint_every=0", "decoder.family=sana", "decoder.model=tiny:sana", 
+                 "train.checkpoint_every=0", "decoder.family=sana", "decoder.model=tiny:sana",
                  "data.image_size=32")
     train_aligner(cfg)
     assert len(losses(tmp_path)) == 3 and all(np.isfinite(losses(tmp_path)))
@@ -177,7 +177,8 @@ def test_corrupt_and_missing_images_are_skipped(toy, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(toy, data)
     (data / "00002.png").write_bytes(b"\x89PNG broken")
-    rows = [{"image": f"data/{p.name}", "caption": p.with_suffix(".txt").read_text()} for p in sorted(data.glob("*.png"))]
+    rows = [{"image": f"data/{p.name}", "caption": p.with_suffix(".txt").read_text()}
+            for p in sorted(data.glob("*.png"))]
     rows.append({"image": "data/missing.png", "caption": "gone"})
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")

@@ -151,6 +151,7 @@ def run_child(out: str) -> None:
             engine = VLLMEngine(tiny_path(kind), batch_size=8,
                                 max_model_len=max(prompt_lengths(kind, shared_prefix_requests())) + SHARED_ANSWER)
         results[f"{kind}_prefix_caching"] = engine.prefix_caching
+        results[f"{kind}_missing_internals"] = engine.llm.collective_rpc("thinkdiff_missing_internals")[0]
         results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                          for s in engine.generate(requests, LAYERS, greedy)]
         if kind == "llama":
@@ -161,15 +162,33 @@ def run_child(out: str) -> None:
             copies = SamplingConfig(max_new_tokens=6, do_sample=True, seed=11)
             results["copies"] = [[o.output_token_ids.tolist() for o in engine.generate(requests[:1] * n, [], copies)]
                                  for n in (24, 5)]
+            # Count vLLM's generate calls and the rows its model computes (the hooks' record of every step).
+            calls, rows, rpc = [], [], engine.llm.collective_rpc
+            engine.llm.generate = counted(engine.llm.generate, calls)
+
+            def counting_rpc(method, *args, rpc=rpc, rows=rows, **kwargs):
+                out = rpc(method, *args, **kwargs)
+                if method == "thinkdiff_collect_hooks":
+                    rows.append(int(sum(out[0]["counts"])))
+                return out
+
+            engine.llm.collective_rpc = counting_rpc
             results["shared"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                                  for s in engine.generate(shared_prefix_requests(), LAYERS,
                                                           SamplingConfig(**{**vars(sampled), "seed": 5}))]
+            results["shared_vllm_calls"], results["shared_rows"] = len(calls), rows
+            del engine.llm.generate, engine.llm.collective_rpc
             model = AutoModelForCausalLM.from_pretrained(tiny_path("llama"))
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(1.1)
             engine.update_weights(model.state_dict().items())
             results["updated"] = [s.output_token_ids for s in engine.generate(requests, [], greedy)]
+            # A LoRA policy's merged weights (what GRPO pushes after each update): greedy answers and states.
+            policy = lora_policy()
+            engine.update_weights(policy.merged_weights())
+            results["lora"] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
+                               for s in engine.generate(requests, LAYERS, greedy)]
             try:
                 engine.generate(requests, [9])
             except ValueError as err:
@@ -260,6 +279,10 @@ def close_to(ref, prompt, output, input_embed, output_embed):
         assert (ref.output_embed[layer] - output_embed[layer]).abs().max() <= TOL
 
 
+def test_the_live_model_runner_has_every_attribute_the_hooks_read(vllm_results):
+    assert vllm_results["llama_missing_internals"] == vllm_results["mllama_missing_internals"] == []
+
+
 def test_states_recorded_while_generating_where_prefix_caching_is_on(vllm_results):
     """Text models record states while generating (prefix caching on); Mllama with images cannot (encoder-decoder
     in vLLM: no prefix caching) and states come from the prefill pass alone. Both paths are compared above."""
@@ -285,6 +308,12 @@ def test_sampled_copies_of_a_prompt_get_the_states_of_their_own_answers(vllm_res
     # The copies filled max_model_len (prompt + SHARED_ANSWER): each keeps one token fewer, so vLLM computed its rows.
     assert [len(output) for _, output, _, _ in shared[:3]] == [SHARED_ANSWER - 1] * 3
     eng = engine("llama")
+    # One vLLM call, no prefill pass after it; the model computed fewer rows than the sequences hold (the copies'
+    # shared prompt blocks came from the prefix cache), and the states of every row are still there.
+    assert vllm_results["shared_vllm_calls"] == 1
+    held = sum(len(prompt) + len(output) for prompt, output, _, _ in shared)
+    (computed,) = vllm_results["shared_rows"]
+    assert computed < held - 32, (computed, held)  # at least one 32-token KV block of each extra copy was reused
     for request, (prompt, output, input_embed, output_embed) in zip(shared_prefix_requests(), shared, strict=True):
         assert torch.equal(prompt, torch.tensor(eng.tokenizer(eng.chat_text(request), add_special_tokens=False)
                                                 ["input_ids"]))
@@ -343,6 +372,41 @@ def test_seeded_sampling_reproduces(vllm_results):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert not torch.equal(a[0], a[1])  # two samples of one prompt differ (per-request seeds)
+
+
+def lora_policy():
+    """A LoRA policy on the tiny Llama whose adapters are not the identity (B drawn from a fixed generator)."""
+    from thinkdiff.grpo.policy import Policy
+    from thinkdiff.testing.tiny_models import tiny_path
+
+    policy = Policy(tiny_path("llama"), lora_rank=4, keep_reference=False, seed=1)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def test_lora_rollouts_equal_the_merged_model(vllm_results):
+    """vLLM serving a LoRA policy's merged weights answers and returns states as transformers does on the
+    policy merged by peft itself (merge_and_unload); the policy stays unmerged for training."""
+    from thinkdiff.testing.tiny_models import tiny_path
+    from thinkdiff.vlm import SamplingConfig
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+
+    policy = lora_policy()
+    request = cases()["llama"][0]
+    inputs = policy.engine.forward_inputs(request, torch.tensor([5, 6]))
+    before = policy.model(**inputs).logits
+    names = [name for name, _ in policy.merged_weights()]
+    assert torch.equal(before, policy.model(**inputs).logits)  # unmerged again after handing out merged weights
+    assert not any("lora_" in n or "base_layer" in n for n in names)
+    merged = TransformersEngine(tiny_path("llama"), model=policy.model.merge_and_unload().eval())
+    greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    for request, got in zip(cases()["llama"], vllm_results["lora"], strict=True):
+        close_to(merged.generate([request], LAYERS, greedy)[0], *got)
+    assert [g[1].tolist() for g in vllm_results["lora"]] != [r[1].tolist() for r in vllm_results["llama"]]
 
 
 def test_weight_update_reaches_vllm(vllm_results, tiny):

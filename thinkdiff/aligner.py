@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import ConfigError, InputError, MissingFileError
 from .atomic import save_json, save_safetensors
+from .errors import ConfigError, InputError, MissingFileError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -208,7 +208,8 @@ class DataConfig:
 class ObjectiveConfig:
     name: Literal["t5_decoder", "diffusion", "regression"] = "t5_decoder"
     t5_model: str = "tiny:t5"  # t5_decoder: frozen T5 whose decoder reads the aligned tokens (ThinkDiff: flan-t5-xxl)
-    max_split: PositiveInt = 128  # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
+    # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
+    max_split: PositiveInt = 128
     t5_dtype: Dtype | None = None  # t5_decoder: the frozen T5's dtype; None = bfloat16 on a GPU, float32 on the CPU
     text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
     max_target_tokens: PositiveInt = 128
@@ -238,7 +239,8 @@ class LoopConfig:
     seed: int = 0
     checkpoint_every: Annotated[int, pydantic.Field(ge=0)] = 500  # 0 = only when interrupted
     keep_checkpoints: PositiveInt = 2
-    sample_every: Annotated[int, pydantic.Field(ge=-1)] = 0  # sample image every N steps; 0 = only at the end, -1 = never (needs a `decoder:` section)
+    # A sample image every N steps; 0 = only at the end, -1 = never (needs a `decoder:` section)
+    sample_every: Annotated[int, pydantic.Field(ge=-1)] = 0
     log_every: PositiveInt = 10
     resume: str | None = None  # "latest" (this output_dir's newest checkpoint) or a checkpoint folder
     overwrite: bool = False  # start over in an output_dir that holds another run (removes its checkpoints)
@@ -274,7 +276,8 @@ class RareRewardConfig:
     judge_model: str | None = None  # judge=engine: model reference; judge=openai: the model name
     judge_url: str | None = None  # judge=openai: base URL of an OpenAI-compatible server (…/v1)
     judge_max_new_tokens: PositiveInt = 512
-    embedding_threshold: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.85  # cosine similarity at which the fallback joins two solutions
+    # The cosine similarity at which the fallback joins two solutions
+    embedding_threshold: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.85
 
 
 @config_dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import InputError, MissingFileError
 from .aligner import Aligner, AlignerConfig
 from .config import AlignerSection, DecoderConfig, InferenceConfig, VLMConfig, to_dict
+from .errors import InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import MissingFileError
 from .atomic import save_safetensors
+from .errors import MissingFileError
 from .vlm.engine import HiddenStates
 
 

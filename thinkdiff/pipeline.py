@@ -17,11 +17,11 @@ import torch
 import yaml
 from PIL import Image
 
-from .errors import InputError, MissingFileError
 from .aligner import Aligner, AlignerConfig
-from .config import InferenceConfig, load_config, to_dict
 from .conditioning import Conditioning
+from .config import InferenceConfig, load_config, to_dict
 from .decoders import Decoder, load_decoder, pooled_mode
+from .errors import InputError, MissingFileError
 from .memory_plan import plan_memory
 from .rng import generator
 from .vlm import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, make_engine, sampling_from

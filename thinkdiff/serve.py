@@ -76,7 +76,8 @@ class ServerLimits:
 # ------------------------------------------------------------------------------------------- request parsing
 
 _SAMPLING_TYPES = {"max_new_tokens": (int,), "min_new_tokens": (int,), "do_sample": (bool,),
-                   "temperature": (int, float), "top_p": (int, float), "seed": (int, type(None))}
+                   "temperature": (int, float), "top_p": (int, float), "seed": (int, type(None)),
+                   "first_index": (int,)}
 
 
 def _is(value, types) -> bool:
@@ -108,6 +109,8 @@ def parse_sampling(obj, limits: ServerLimits) -> SamplingConfig:
         raise ClientError(400, f"sampling.temperature must be > 0, got {sampling.temperature}.")
     if not 0 < sampling.top_p <= 1:
         raise ClientError(400, f"sampling.top_p must be in (0, 1], got {sampling.top_p}.")
+    if not 0 <= sampling.first_index < 2**31:
+        raise ClientError(400, f"sampling.first_index must be in [0, 2**31), got {sampling.first_index}.")
     if sampling.seed is not None and not 0 <= sampling.seed < 2**63:
         raise ClientError(400, f"sampling.seed must be in [0, 2**63) or null, got {sampling.seed}.")
     return sampling

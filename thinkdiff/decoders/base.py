@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import InputError
 from ..conditioning import Conditioning
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 

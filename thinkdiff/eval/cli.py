@@ -46,8 +46,8 @@ def cmd_make_mini_cobsat(args) -> int:
 
 
 def add_parsers(subparsers) -> None:
-    from .config import JUDGE_KINDS, METHODS
     from .cobsat import FORMATTERS
+    from .config import JUDGE_KINDS, METHODS
 
     p = subparsers.add_parser(
         "eval-cobsat", help="CoBSAT in-context image generation (ThinkDiff's protocol), resumable",

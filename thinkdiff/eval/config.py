@@ -11,8 +11,16 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from ..config import (AlignerSection, DecoderConfig, Dtype, Fraction, InferenceConfig, PositiveInt, VLMConfig,
-                      config_dataclass)
+from ..config import (
+    AlignerSection,
+    DecoderConfig,
+    Dtype,
+    Fraction,
+    InferenceConfig,
+    PositiveInt,
+    VLMConfig,
+    config_dataclass,
+)
 from .cobsat import MAX_SHOT, NUM_PROMPTS
 
 Method = Literal["thinkdiff", "text-bridge", "oracle", "random"]
@@ -30,13 +38,15 @@ class CobsatSection:
         default_factory=lambda: list(range(1, 11)))
     n: Annotated[int, pydantic.Field(ge=1, le=NUM_PROMPTS)] = NUM_PROMPTS  # samples per task and shot (CoBSAT: 1000)
     method: Method = "thinkdiff"
-    formatter: Literal["thinkdiff", "cobsat"] = "thinkdiff"  # thinkdiff ("Word i: x, " + ThinkDiff's question) | cobsat ("x: <img>...")
+    # thinkdiff ("Word i: x, " + ThinkDiff's question) | cobsat ("x: <img>...")
+    formatter: Literal["thinkdiff", "cobsat"] = "thinkdiff"
     instruction: str | None = None  # None = the formatter's own (ThinkDiff's question / CoBSAT's "")
     instruction_suffix: str = ""  # appended after the last word (CoBSAT's instruction[1])
     vision_ids: bool = False  # "Picture i: " before each image (Qwen2-VL's add_vision_id=True, ThinkDiff's run)
     batch_size: PositiveInt = 8  # samples per VLM batch and per judge batch
     model_name: str | None = None  # results/exps/{model_name}_image/...; None = the method's name
-    jpeg_quality: Annotated[int, pydantic.Field(ge=1, le=100)] = 75  # PIL's default, what CoBSAT's `img.save(save_path + ".jpg")` writes
+    # PIL's default, what CoBSAT's `img.save(save_path + ".jpg")` writes
+    jpeg_quality: Annotated[int, pydantic.Field(ge=1, le=100)] = 75
     sheets: bool = True  # a PNG per shot and task
     sheet_rows: PositiveInt = 8
     retry_errors: bool = True  # a re-run retries samples whose record holds an error
@@ -44,10 +54,12 @@ class CobsatSection:
 
 @config_dataclass
 class JudgeConfig:
-    kind: JudgeKind = "engine"  # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle
+    # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle
+    kind: JudgeKind = "engine"
     model: str = "tiny:mllama"  # engine/transformers: model reference (folder, cached repo id, tiny:KIND)
     backend: Literal["transformers", "vllm", "remote"] = "transformers"  # engine
-    template: Literal["llava_v1", "chat"] = "llava_v1"  # transformers: llava_v1 (CoBSAT's LLaVA conversation) | chat (processor template)
+    # transformers: llava_v1 (CoBSAT's LLaVA conversation) | chat (processor template)
+    template: Literal["llava_v1", "chat"] = "llava_v1"
     dtype: Dtype = "float32"
     device: str = "cpu"
     max_new_tokens: PositiveInt = 512  # CoBSAT: 512, temperature 0, one beam

@@ -15,7 +15,6 @@ does not depend on how samples were batched or resumed.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import random
 import time

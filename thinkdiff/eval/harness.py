@@ -22,18 +22,28 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..atomic import replace_into, save_json
 from ..config import to_dict
+from ..errors import ConfigError
 from ..failures import Failure, run_per_item
-from .cobsat import (QUESTION_MAX_CHARS, CobsatProtocol, CobsatSample, Verdict, build_samples, check_dataset, format_prompt,
-                     judge_questions, load_prompt_lists, score)
+from .cobsat import (
+    QUESTION_MAX_CHARS,
+    CobsatProtocol,
+    CobsatSample,
+    Verdict,
+    build_samples,
+    check_dataset,
+    format_prompt,
+    judge_questions,
+    load_prompt_lists,
+    score,
+)
 from .config import CobsatEvalConfig
 from .generators import Generation, Method, make_method
 from .judges import Judge, ask_many, make_judge
@@ -320,7 +330,7 @@ class CobsatRun:
             "gen": method.settings() if method is not None else {},
             "judge": self.judge_name(), **verdict.to_dict(),
             **{f"t_{stage}_s": g.timings.get(stage, 0.0) for stage in ("vlm", "aligner", "decoder")},
-            "t_judge_s": judge_s, "error": error, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "t_judge_s": judge_s, "error": error, "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..errors import InputError
 from ..atomic import atomic_dir
+from ..errors import InputError
 from .cobsat import ITEM_DICT, TASK_TYPES, prompt_lists, word
 
 MARKER = "MINI_COBSAT.txt"
@@ -31,15 +31,6 @@ MARKER = "MINI_COBSAT.txt"
 
 def _regular(n: int, r: float = 1.0, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
     return [(r * math.cos(phase + 2 * math.pi * i / n), r * math.sin(phase + 2 * math.pi * i / n)) for i in range(n)]
-
-
-def _star(n: int = 5, r1: float = 1.0, r2: float = 0.45) -> list[tuple[float, float]]:
-    pts = []
-    for i in range(2 * n):
-        r = r1 if i % 2 == 0 else r2
-        a = -math.pi / 2 + math.pi * i / n
-        pts.append((r * math.cos(a), r * math.sin(a)))
-    return pts
 
 
 # Each shape: a list of (polygon, fill) layers in unit coordinates [-1, 1], drawn in order (fill 0 cuts holes).

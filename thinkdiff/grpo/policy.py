@@ -11,8 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..errors import InputError
 from ..atomic import save_safetensors
+from ..errors import InputError
 from ..rng import generator
 from ..vlm import VLMRequest
 from ..vlm.transformers_engine import TransformersEngine, load_model

@@ -14,7 +14,8 @@ import json
 import logging
 import re
 import urllib.request
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 

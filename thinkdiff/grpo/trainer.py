@@ -32,9 +32,9 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..atomic import atomic_dir
 from ..config import GRPOTrainConfig, RareRewardConfig, torch_dtype
+from ..errors import ConfigError
 from ..train.accelerator import make_accelerator
 from ..train.align import batch_indices
 from ..train.checkpoint import (
@@ -148,7 +148,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
             sampling = SamplingConfig(max_new_tokens=cfg.policy.max_new_tokens,
                                       min_new_tokens=cfg.policy.min_new_tokens, do_sample=True,
                                       temperature=temperature, top_p=cfg.policy.top_p,
-                                      seed=loop.seed * 100_003 + step + 1_000_003 * rank)
+                                      seed=loop.seed * 100_003 + step, first_index=len(requests) * rank)
             with torch.no_grad():
                 outputs = rollout_engine.generate(requests, [], sampling, progress=False)
             rollout_seconds = time.perf_counter() - clock

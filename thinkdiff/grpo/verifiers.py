@@ -7,7 +7,7 @@ The final answer is taken from `\\boxed{...}` if present, else from "answer is/a
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ConfigError
 

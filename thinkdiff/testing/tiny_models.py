@@ -210,7 +210,8 @@ def _build_llama(out: Path) -> None:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = _llama_tokenizer()
-    config = LlamaConfig(**dict(_TEXT, vocab_size=len(tok)), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    config = LlamaConfig(**dict(_TEXT, vocab_size=len(tok)), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(config)
     _randomize(model)
@@ -255,7 +256,8 @@ def _build_qwen2_vl(out: Path) -> None:
 
     tok = _qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
-    text = dict(_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    text = dict(_TEXT, vocab_size=len(tok), rope_parameters=rope,
                 bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)

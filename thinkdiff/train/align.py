@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..aligner import Aligner, AlignerConfig
 from ..config import AlignTrainConfig, InferenceConfig, OptimConfig, torch_dtype
 from ..decoders import load_decoder
+from ..errors import ConfigError
 from ..pipeline import ThinkDiffPipeline
 from ..rng import generator
 from ..weights import resolve_model
@@ -187,7 +187,7 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
                     f.write(f"{step_loss:.6f}\n")
                 if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or interrupted:
                     trained = accelerator.unwrap_model(aligner)
-                    save_checkpoint(out, done, lambda d: trained.save_pretrained(d / "aligner"), optimizer,
+                    save_checkpoint(out, done, lambda d, m=trained: m.save_pretrained(d / "aligner"), optimizer,
                                     scheduler, loop.keep_checkpoints)
                 if decoder is not None and loop.sample_every > 0 and done % loop.sample_every == 0:
                     write_sample(out, done, accelerator.unwrap_model(aligner), features, decoder, cfg)

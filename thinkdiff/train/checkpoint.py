@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import ConfigError, MissingFileError
 from ..atomic import atomic_dir, save_json, save_safetensors
+from ..errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, MissingFileError
 from ..atomic import save_json, save_safetensors
 from ..config import torch_dtype
+from ..errors import ConfigError, MissingFileError
 from ..vlm import HiddenStateEngine, SamplingConfig, VLMRequest
 from .data import ImageCaptionDataset
 
@@ -117,7 +117,7 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.index["num_samples"]
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a cache lives as long as its run
     def _shard(self, shard: int):
         path = self.dir / f"shard-{shard:05d}.safetensors"
         if not path.is_file():

@@ -22,8 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, MissingFileError
 from ..aligner import Aligner
+from ..errors import InputError, MissingFileError
 from ..rng import generator
 from .data import ImageCaptionDataset, image_to_pixels
 from .feature_cache import FeatureSample

@@ -72,7 +72,9 @@ class VLMRequest:
 
 @dataclass
 class SamplingConfig:
-    """How answers are generated. Greedy by default; `seed` makes sampling reproducible."""
+    """How answers are generated. Greedy by default; `seed` makes sampling reproducible: request i of a call
+    samples with the generator keyed by (seed, first_index + i), so a call can stand for requests first_index...
+    of a larger one (GRPO's processes each sample their share of the step's requests)."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -80,6 +82,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = 0
+    first_index: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

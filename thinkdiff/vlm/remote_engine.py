@@ -59,10 +59,11 @@ class RemoteEngine(HiddenStateEngine):
         sampling_json = {f: getattr(sampling, f) for f in ("max_new_tokens", "min_new_tokens", "do_sample",
                                                            "temperature", "top_p", "seed")}
         results = []
-        # Greedy answers do not depend on the split; sampled ones are reproducible per call, as in-process.
+        # Chunk k samples as requests first_index + start... of one call: the same answers as in-process.
         for start in range(0, len(requests), self.max_requests):
             chunk = requests[start:start + self.max_requests]
-            payload = {"requests": [_request_json(r) for r in chunk], "layers": layers, "sampling": sampling_json}
+            payload = {"requests": [_request_json(r) for r in chunk], "layers": layers,
+                       "sampling": {**sampling_json, "first_index": sampling.first_index + start}}
             body = self._call("POST", "/generate", json.dumps(payload).encode())
             results.extend(decode_states(body, len(chunk), layers))
         return results

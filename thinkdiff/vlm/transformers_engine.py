@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.generation.streamers import BaseStreamer
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..rng import generator
@@ -143,7 +143,8 @@ class TransformersEngine(HiddenStateEngine):
                       suppress_tokens=[self.sentinel], temperature=None, top_p=None, top_k=None)
         if sampling.do_sample:
             kwargs["logits_processor"] = LogitsProcessorList([PerRequestSampler(
-                [generator(sampling.seed, i, self.device) if sampling.seed is not None else None for i in indices],
+                [generator(sampling.seed, sampling.first_index + i, self.device) if sampling.seed is not None else None
+                 for i in indices],
                 sampling.temperature, sampling.top_p)])
         with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False,
                   disable=not progress) as bar:

