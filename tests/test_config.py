@@ -119,3 +119,19 @@ def test_entry_points_print_one_line_before_loading_models(command):
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+
+
+def test_only_user_errors_become_one_line():
+    """A ThinkDiffUserError is one line and exit status 2; any other exception, ValueError included, is a bug and
+    keeps its traceback."""
+    from thinkdiff.user_errors import exit_status
+
+    def user():
+        raise ConfigError("decoder.pooled='zero': choose 'zeros', 'empty_prompt' or 'none'.")
+
+    def bug():
+        raise ValueError("shapes do not match inside a library")
+
+    assert exit_status(user) == 2
+    with pytest.raises(ValueError, match="inside a library"):
+        exit_status(bug)

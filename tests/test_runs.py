@@ -80,6 +80,29 @@ def test_pruning_keeps_the_newest_steps_by_number(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000500"]
 
 
+def test_a_save_that_dies_keeps_the_last_good_checkpoint(tmp_path):
+    """keep_checkpoints=1 and a save that fails while writing: the previous checkpoint survives and nothing
+    half-written carries a checkpoint's name (the new one is written aside, renamed, and only then the old goes;
+    accelerate's total_limit rotation deletes the oldest before it writes, so a killed save would leave none)."""
+    from thinkdiff.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param])
+    save_checkpoint(tmp_path, 10, lambda d: (d / "w").write_text("10"), optimizer, keep=1)
+
+    def dies(folder):
+        (folder / "w").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 20, dies, optimizer, keep=1)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [10]
+    assert (latest_checkpoint(tmp_path) / "w").read_text() == "10"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010"]
+    save_checkpoint(tmp_path, 30, lambda d: (d / "w").write_text("30"), optimizer, keep=1)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [30]
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 def test_grpo_resumes_exactly_and_keeps_its_log(task, tmp_path, lora):
     common = [f"lora_rank={lora}", "train.checkpoint_every=2", "train.lr=1e-3"]

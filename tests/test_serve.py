@@ -38,7 +38,7 @@ class ProbeEngine(HiddenStateEngine):
         self.gate.set()
         self.entered = threading.Event()
 
-    def generate(self, requests, layers, sampling=None):
+    def generate(self, requests, layers, sampling=None, progress=True):
         self.entered.set()
         assert self.gate.wait(60), "test gate never opened"
         self.calls.append(len(requests))
@@ -47,7 +47,7 @@ class ProbeEngine(HiddenStateEngine):
             raise RuntimeError("boom: the engine crashed")
         if "INVALID" in prompts:
             raise ValueError("the engine rejects INVALID prompts")
-        return self.inner.generate(requests, layers, sampling)
+        return self.inner.generate(requests, layers, sampling, progress=progress)
 
 
 @pytest.fixture(scope="module")

@@ -400,12 +400,18 @@ def test_lora_rollouts_equal_the_merged_model(vllm_results):
     inputs = policy.engine.forward_inputs(request, torch.tensor([5, 6]))
     before = policy.model(**inputs).logits
     names = [name for name, _ in policy.merged_weights()]
-    assert torch.equal(before, policy.model(**inputs).logits)  # unmerged again after handing out merged weights
+    # Unmerged again after handing out merged weights (W + BA - BA: float rounding only).
+    torch.testing.assert_close(policy.model(**inputs).logits, before, atol=1e-4, rtol=1e-4)
     assert not any("lora_" in n or "base_layer" in n for n in names)
     merged = TransformersEngine(tiny_path("llama"), model=policy.model.merge_and_unload().eval())
     greedy = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
-    for request, got in zip(cases()["llama"], vllm_results["lora"], strict=True):
-        close_to(merged.generate([request], LAYERS, greedy)[0], *got)
+    for request, (prompt, output, input_embed, output_embed) in zip(cases()["llama"], vllm_results["lora"],
+                                                                    strict=True):
+        ref = merged.generate([request], LAYERS, greedy)[0]
+        assert torch.equal(ref.prompt_token_ids, prompt) and torch.equal(ref.output_token_ids, output)
+        for layer in LAYERS:  # states ~10x larger than the base model's (|x| <= ~16): float noise up to ~2.5e-4
+            torch.testing.assert_close(input_embed[layer], ref.input_embed[layer], atol=5e-4, rtol=0)
+            torch.testing.assert_close(output_embed[layer], ref.output_embed[layer], atol=5e-4, rtol=0)
     assert [g[1].tolist() for g in vllm_results["lora"]] != [r[1].tolist() for r in vllm_results["llama"]]
 
 

@@ -10,6 +10,11 @@
 A run owns its output folder: a fresh run that finds another run's checkpoints or results there stops, unless told
 to continue it (`train.resume=latest`) or to start over (`train.overwrite=true`). Checkpoints are ordered and
 pruned by step number. Temp folders left by a killed run are removed when the next run starts.
+
+Rotation is ours rather than accelerate's `ProjectConfiguration(total_limit=...)`: accelerate deletes the oldest
+checkpoint *before* writing the new one, in place, and names folders by save count (a save killed with
+total_limit=1 leaves no checkpoint; a stray folder without a number breaks its sort). Here the new checkpoint is
+written aside and renamed, and only then do the oldest go (tests/test_runs.py).
 """
 
 from __future__ import annotations
