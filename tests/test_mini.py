@@ -1,0 +1,47 @@
+"""The miniature world and the training of its parts."""
+
+import numpy as np
+import pytest
+
+from thinkdiff.eval.cobsat import IMAGE_MARKER, TASKS, build_samples, prompt_lists
+from thinkdiff.eval.mini_cobsat import draw
+from thinkdiff.mini.world import answer, caption, drawings, evaluation_keys, jittered, training_sequences
+
+
+def test_every_drawing_has_its_own_caption():
+    captions = [caption(*d) for d in drawings()]
+    assert len(drawings()) == 500 and len(set(captions)) == 500
+    assert caption("color_object", "green", "car") == "a green car"
+    assert answer("background_animal", "beach", "lion") == "Create an image of a lion on a beach."
+
+
+def test_training_never_repeats_an_evaluation_sample():
+    keys = evaluation_keys()
+    # Reference: CoBSAT's own samples (build_samples), task 3 at 2 shots, are among the keys.
+    lists = prompt_lists()
+    for s in build_samples("/nonexistent", 3, 2, n=50, lists=lists):
+        assert (3, tuple(s.x_items), s.theta) in keys
+    sequences = training_sequences(3000, seed=0)
+    assert all((q.task_id, q.x_items, q.theta) not in keys for q in sequences)
+    assert {q.shot for q in sequences} == {1, 2, 3, 4, 5} and {q.task_id for q in sequences} == set(TASKS)
+    assert training_sequences(10, seed=0) == sequences[:10] and training_sequences(10, seed=1) != sequences[:10]
+
+
+def test_a_sequence_asks_for_the_query_words_drawing():
+    for q in training_sequences(50, seed=2):
+        task = TASKS[q.task_id]
+        detail, obj = q.pair(q.x_items[-1])
+        assert q.answer() == answer(task.task_type, detail, obj)
+        assert q.prompt().count(IMAGE_MARKER) == q.shot == len(q.image_pairs())
+        # The hidden value is the latent every in-context drawing shares.
+        side = 1 if task.x_side == "detail" else 0
+        assert all(pair[side] == q.theta for pair in q.image_pairs())
+
+
+def test_jitter_is_mild_and_reproducible():
+    base = np.asarray(draw("color_object", "green", "car"), dtype=float)
+    a = jittered("color_object", "green", "car", np.random.default_rng(0))
+    b = jittered("color_object", "green", "car", np.random.default_rng(0))
+    c = jittered("color_object", "green", "car", np.random.default_rng(1))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+    assert 0 < np.abs(np.asarray(a, dtype=float) - base).mean() < 40

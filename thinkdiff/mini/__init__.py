@@ -1,0 +1,1 @@
+"""ThinkDiff in miniature: the mini-CoBSAT world and the parts ThinkDiff used pretrained, trained here from nothing."""
