@@ -45,3 +45,29 @@ def test_jitter_is_mild_and_reproducible():
     c = jittered("color_object", "green", "car", np.random.default_rng(1))
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
     assert 0 < np.abs(np.asarray(a, dtype=float) - base).mean() < 40
+
+
+def test_span_corruption_hides_words_behind_sentinels():
+    import random
+
+    from thinkdiff.mini.t5 import span_corruption
+
+    ids, sentinels = list(range(10, 20)), [1000, 1001, 1002, 1003]
+    source, target = span_corruption(ids, random.Random(0), sentinels)
+    hidden = [t for t in target if t not in sentinels]
+    assert sorted([s for s in source if s not in sentinels] + hidden) == ids  # every word once, in one of the two
+    assert 0 < len(hidden) <= 6 and target[0] == source[source.index(target[0])] == 1000
+
+
+def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
+    from transformers import AutoTokenizer
+
+    from thinkdiff.mini.t5 import train_t5
+    from thinkdiff.train.objectives import load_t5_decoder
+
+    out, losses = train_t5(tmp_path / "t5", steps=80, batch_size=32, progress=False)
+    assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.decode(tok("Create an image of a lion on a beach.").input_ids) == "create an image of a lion on a beach."
+    t5, norm = load_t5_decoder(out)
+    assert norm.shape == (128,) and t5.config.d_model == 128
