@@ -71,3 +71,27 @@ def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
     assert tok.decode(tok("Create an image of a lion on a beach.").input_ids) == "create an image of a lion on a beach."
     t5, norm = load_t5_decoder(out)
     assert norm.shape == (128,) and t5.config.d_model == 128
+
+
+def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
+    """Short runs of each stage: losses fall; the saved pipeline opens through load_decoder (family sd15) with the
+    T5's width as its conditioning and draws from T5 states."""
+    from thinkdiff.config import DecoderConfig
+    from thinkdiff.decoders import load_decoder
+    from thinkdiff.mini.decoder import drawing_pool, t5_states, train_decoder, train_vae
+    from thinkdiff.mini.t5 import train_t5
+
+    t5, _ = train_t5(tmp_path / "t5", steps=40, batch_size=32, progress=False)
+    pixels, index = drawing_pool(1)
+    assert pixels.shape == (500, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
+    vae, vae_losses = train_vae(pixels, steps=30, progress=False)
+    assert np.mean(vae_losses[-5:]) < 0.5 * vae_losses[0]
+    out, losses = train_decoder(tmp_path / "decoder", t5, pixels, index, vae, steps=24, batch_size=16,
+                                progress=False)
+    assert np.mean(losses[-6:]) < np.mean(losses[:3])
+    decoder = load_decoder(DecoderConfig(family="sd15", model=str(out)))
+    assert decoder.conditioning_dim == 128
+    states = t5_states(t5, ["a green car"])[0]
+    image = decoder.generate(decoder.make_conditioning(states[None]), height=64, width=64, num_inference_steps=2,
+                             progress=False)[0]
+    assert image.size == (64, 64)

@@ -1,0 +1,144 @@
+"""The miniature's decoder, an SD1.5-style latent diffusion model trained from nothing: a small `AutoencoderKL`
+(64x64 drawings <-> 16x16x4 latents), then a small `UNet2DConditionModel` whose cross-attention reads the miniature
+T5's encoder states, saved as a diffusers `StableDiffusionPipeline` that `decoders.load_decoder` opens as family
+`sd15` (ThinkDiff's FLUX.1-dev, which reads T5 encoder states, in miniature).
+
+Why this family: its UNet keeps attention at the low resolutions only, the cheapest to train on 2 CPU cores, and the
+pipeline takes the T5 states as `prompt_embeds` unchanged. The UNet learns through our own
+`SD15Decoder.training_loss` (diffusers' text-to-image recipe). To tolerate aligned tokens near, not only on, the T5
+encoder's outputs, conditioning is dropped for 10% of samples (zeros: the decoder's classifier-free-guidance
+negatives) and the states get mild Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..rng import generator
+from .world import answer, caption, drawings, jittered
+
+LATENT_SCALE = 0.5  # scaling_factor: latents of about unit variance for the UNet (set from the trained VAE)
+
+
+def drawing_pool(copies: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, list[int]]:
+    """`copies` jittered versions of each of the 500 drawings as pixels in [-1, 1] [N, 3, size, size], and the
+    index (into `drawings()`) of each."""
+    rng = np.random.default_rng(seed)
+    images, index = [], []
+    for copy in range(copies):
+        for i, d in enumerate(drawings()):
+            images.append(np.asarray(jittered(*d, rng, size), dtype=np.float32))
+            index.append(i)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return pixels, index
+
+
+def build_vae(channels: tuple[int, ...] = (16, 32, 32)):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+                         scaling_factor=LATENT_SCALE)
+
+
+def train_vae(pixels: torch.Tensor, steps: int = 1500, batch_size: int = 16, lr: float = 2e-3, kl_weight: float = 1e-6,
+              seed: int = 0, progress: bool = True):
+    """Reconstruction (MSE) + a small KL term, as Stable Diffusion's autoencoder (without its GAN and perceptual
+    terms, which flat drawings do not need). Returns the VAE (its scaling factor set so latents have unit std) and
+    the loss per step."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # diffusers initialises from the global RNG; restored on exit
+        vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in tqdm(range(steps), desc="mini VAE", disable=not progress):
+        x = pixels[torch.randint(len(pixels), (batch_size,), generator=order)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator(seed, step))).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        std = vae.encode(pixels[:256]).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae, losses
+
+
+@torch.no_grad()
+def t5_states(t5_dir: str | Path, texts: list[str]) -> list[torch.Tensor]:
+    """The miniature T5 encoder's states of each text [len_i, D] (no padding, as the decoder will see them)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(str(t5_dir))
+    encoder = T5EncoderModel.from_pretrained(str(t5_dir)).eval()
+    out = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        out.append(encoder(input_ids=torch.tensor([ids])).last_hidden_state[0])
+    return out
+
+
+def build_pipeline(vae, cross_attention_dim: int, seed: int = 0):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(64, 128), down_block_types=("DownBlock2D",
+                                                                                    "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                    cross_attention_dim=cross_attention_dim, attention_head_dim=32,
+                                    norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor, index: list[int], vae,
+                  steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, drop: float = 0.1,
+                  state_noise: float = 0.05, seed: int = 0, progress: bool = True) -> tuple[Path, list[float]]:
+    """Train the UNet on (jittered drawing, T5 states of its caption or its answer) and save the pipeline to
+    `out_dir`; returns the folder and the loss per step."""
+    from ..decoders.sd15 import SD15Decoder
+
+    world = drawings()
+    texts = [(caption(*d), answer(*d)) for d in world]
+    states = t5_states(t5_dir, [t for pair in texts for t in pair])  # caption i at 2i, answer i at 2i + 1
+    dim = states[0].shape[-1]
+    decoder = SD15Decoder(build_pipeline(vae, dim, seed))
+    unet = decoder.pipe.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    order, rng = torch.Generator().manual_seed(seed), random.Random(f"thinkdiff-mini-decoder/{seed}")
+    losses = []
+    for step in tqdm(range(steps), desc="mini decoder", disable=not progress):
+        picks = torch.randint(len(pixels), (batch_size,), generator=order).tolist()
+        chosen = [states[2 * index[i] + rng.randint(0, 1)] for i in picks]
+        length = max(len(s) for s in chosen)
+        tokens = torch.zeros(batch_size, length, dim)
+        for row, s in enumerate(chosen):
+            if rng.random() >= drop:  # dropped rows stay zeros: the unconditional branch of guidance
+                tokens[row, :len(s)] = s + state_noise * torch.randn(s.shape, generator=generator(seed, step))
+        loss = decoder.training_loss(tokens, None, pixels[picks],
+                                     [generator(seed, step * batch_size + row) for row in range(batch_size)])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    out_dir = Path(out_dir)
+    unet.eval()
+    decoder.pipe.save_pretrained(out_dir)
+    return out_dir, losses
