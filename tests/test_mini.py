@@ -1,7 +1,7 @@
 """The miniature world and the training of its parts."""
 
 import numpy as np
-import pytest
+import torch
 
 from thinkdiff.eval.cobsat import IMAGE_MARKER, TASKS, build_samples, prompt_lists
 from thinkdiff.eval.mini_cobsat import draw
@@ -95,3 +95,28 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
     image = decoder.generate(decoder.make_conditioning(states[None]), height=64, width=64, num_inference_steps=2,
                              progress=False)[0]
     assert image.size == (64, 64)
+
+
+def test_mini_vlm_trains_on_cobsat_prompts_and_serves_through_the_engine(tmp_path):
+    """A short run: the answer loss falls; the saved Mllama loads in the transformers engine, whose prompt is the
+    one it was trained on, and returns generated-token states (what the aligner trains on)."""
+    from thinkdiff.eval.cobsat import TASKS
+    from thinkdiff.mini.vlm import mini_tokenizer, train_vlm, training_batch
+    from thinkdiff.mini.world import jittered
+    from thinkdiff.vlm import SamplingConfig, VLMRequest
+    from thinkdiff.vlm.transformers_engine import TransformersEngine
+
+    tok = mini_tokenizer()
+    assert tok.convert_tokens_to_ids("<|image|>") == len(tok) - 1 and "<unk>" not in tok.tokenize(
+        training_sequences(1, seed=5)[0].prompt().replace("<image>", ""))
+    out, losses = train_vlm(tmp_path / "vlm", steps=16, batch_size=8, lr=3e-3, progress=False)
+    assert np.mean(losses[-4:]) < 0.6 * losses[0], losses
+    engine = TransformersEngine(out)
+    q = training_sequences(1, seed=7)[0]
+    rng = np.random.default_rng(0)
+    images = [jittered(TASKS[q.task_id].task_type, d, o, rng) for d, o in q.image_pairs()]
+    hs = engine.generate([VLMRequest(q.prompt(), images)], [-1], SamplingConfig(max_new_tokens=12))[0]
+    batch = training_batch(engine.processor, [q], np.random.default_rng(0))
+    prompt_len = int((batch["labels"][0] == -100).sum())
+    assert torch.equal(batch["input_ids"][0, :prompt_len], hs.prompt_token_ids)  # trained on the engine's prompt
+    assert hs.output_embed[engine.num_layers].shape == (len(hs.output_token_ids), 128)

@@ -30,7 +30,7 @@ def drawing_pool(copies: int, seed: int = 0, size: int = 64) -> tuple[torch.Tens
     index (into `drawings()`) of each."""
     rng = np.random.default_rng(seed)
     images, index = [], []
-    for copy in range(copies):
+    for _ in range(copies):
         for i, d in enumerate(drawings()):
             images.append(np.asarray(jittered(*d, rng, size), dtype=np.float32))
             index.append(i)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .world import answer, caption, drawings
+from .world import world_vocabulary_texts
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ SPECIALS = ["<pad>", "</s>", "<unk>", *SENTINELS]
 
 def world_texts() -> list[str]:
     """Every caption and every answer of the world (1,000 texts)."""
-    return [caption(*d) for d in drawings()] + [answer(*d) for d in drawings()]
+    return world_vocabulary_texts()
 
 
 def words(text: str) -> list[str]:
@@ -106,7 +106,7 @@ def train_t5(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     rng = random.Random(f"thinkdiff-mini-t5/{seed}")
     order = torch.Generator().manual_seed(seed)
     losses = []
-    for step in tqdm(range(steps), desc="mini T5", disable=not progress):
+    for _ in tqdm(range(steps), desc="mini T5", disable=not progress):
         picks = torch.randint(len(texts), (batch_size,), generator=order).tolist()
         pairs = [span_corruption(texts[i], rng, sentinels) if rng.random() < 0.5 else prefix_completion(texts[i], rng)
                  for i in picks]

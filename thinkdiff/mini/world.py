@@ -16,8 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..eval.cobsat import ITEM_DICT, MAX_SHOT, NUM_PROMPTS, TASK_TYPES, TASKS, CobsatSample, format_prompt, \
-    prompt_lists, word
+from ..eval.cobsat import (
+    ITEM_DICT,
+    MAX_SHOT,
+    NUM_PROMPTS,
+    TASK_TYPES,
+    TASKS,
+    CobsatSample,
+    format_prompt,
+    prompt_lists,
+    word,
+)
 from ..eval.mini_cobsat import draw
 
 ACTION_PHRASES = {"swim": "swimming", "sleep": "sleeping", "sing": "singing", "run": "running", "read": "reading",
@@ -45,6 +54,11 @@ def caption(task_type: str, detail: str, obj: str) -> str:
 def answer(task_type: str, detail: str, obj: str) -> str:
     """What the miniature VLM is trained to answer for the next image (ThinkDiff asks for 'Create an image ...')."""
     return f"Create an image of {caption(task_type, detail, obj)}."
+
+
+def world_vocabulary_texts() -> list[str]:
+    """Every caption and every answer of the world."""
+    return [caption(*d) for d in drawings()] + [answer(*d) for d in drawings()]
 
 
 def drawings() -> list[tuple[str, str, str]]:
@@ -129,4 +143,4 @@ def training_sequences(count: int, seed: int = 0, shots: tuple[int, ...] = (1, 2
 
 
 __all__ = ["ACTION_PHRASES", "NUM_PROMPTS", "PLACE_PHRASES", "Sequence", "answer", "caption", "drawings",
-           "evaluation_keys", "jittered", "training_sequences"]
+           "evaluation_keys", "jittered", "training_sequences", "world_vocabulary_texts"]
