@@ -120,3 +120,31 @@ def test_mini_vlm_trains_on_cobsat_prompts_and_serves_through_the_engine(tmp_pat
     prompt_len = int((batch["labels"][0] == -100).sum())
     assert torch.equal(batch["input_ids"][0, :prompt_len], hs.prompt_token_ids)  # trained on the engine's prompt
     assert hs.output_embed[engine.num_layers].shape == (len(hs.output_token_ids), 128)
+
+
+def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
+    """`python -m thinkdiff train-mini --quick`: every stage runs and its loss falls; the pipeline it writes loads
+    and draws; a second run skips the finished stages."""
+    import json
+
+    from thinkdiff.__main__ import main
+    from thinkdiff.pipeline import ThinkDiffPipeline
+
+    out = tmp_path / "mini"
+    assert main(["train-mini", str(out), "--quick"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["t5", "decoder", "vlm", "aligner"]
+    for name, row in summary.items():
+        assert row["loss_last"] < row["loss_first"], (name, row)
+        assert len((out / "losses" / f"{name}.txt").read_text().split()) == row["steps"]
+    pipe = ThinkDiffPipeline.from_config(out / "thinkdiff.yaml", ["decoder.num_inference_steps=2"])
+    q = training_sequences(1, seed=11)[0]
+    from thinkdiff.eval.cobsat import TASKS
+    from thinkdiff.mini.world import jittered
+
+    rng = np.random.default_rng(0)
+    images = [jittered(TASKS[q.task_id].task_type, d, o, rng) for d, o in q.image_pairs()]
+    result = pipe(q.prompt(), images=images, seed=0, progress=False)
+    assert result.images[0].size == (64, 64) and result.text[0]
+    before = (out / "summary.json").read_text()
+    assert main(["train-mini", str(out), "--quick"]) == 0 and (out / "summary.json").read_text() == before

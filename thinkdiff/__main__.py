@@ -52,6 +52,17 @@ def cmd_convert_thinkdiff(args) -> int:
     return 0
 
 
+def cmd_train_mini(args) -> int:
+    from .mini.recipe import train_mini
+
+    summary = train_mini(args.out_dir, quick=args.quick, seed=args.seed)
+    for name, row in summary.items():
+        print(f"{name:8s} {row['steps']:5d} steps  loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}  "
+              f"{row['seconds']:.0f} s")
+    print(f"Wrote {args.out_dir}; draw with: python infer.py --config {args.out_dir}/thinkdiff.yaml")
+    return 0
+
+
 def cmd_make_toy_data(args) -> int:
     from .train.toy_dataset import write_toy_dataset
 
@@ -128,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm", default=None, help="VLM model reference (default: Qwen/Qwen2-VL-7B-Instruct)")
     p.add_argument("--decoder", default=None, help="FLUX model reference (default: black-forest-labs/FLUX.1-dev)")
     p.set_defaults(func=cmd_convert_thinkdiff)
+
+    p = sub.add_parser("train-mini", help="train ThinkDiff in miniature from nothing (T5, decoder, Mllama, aligner)",
+                       description="Trains every part of the miniature on the mini-CoBSAT world into OUT_DIR, stage "
+                                   "by stage (finished stages are skipped on a re-run), with loss logs in "
+                                   "OUT_DIR/losses and a pipeline config OUT_DIR/thinkdiff.yaml.")
+    p.add_argument("out_dir")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (checks that everything runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_mini)
 
     p = sub.add_parser("make-toy-data", help="draw a small image-caption folder with PIL (coloured shapes)")
     p.add_argument("out_dir")

@@ -9,6 +9,7 @@ and its end token only. Training sequences come from world.training_sequences (n
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import THINKDIFF_PROMPTS
 from ..eval.cobsat import ITEM_DICT, TASKS, THINKDIFF_INSTRUCTION, word
 from ..testing.tiny_models import llama32_vision_chat_template
 from ..vlm.engine import CHAT_TEMPLATE_KWARGS, VLMRequest
-from .world import jittered, training_sequences, world_vocabulary_texts
+from .world import Captioning, captioning_examples, jittered, training_sequences, world_vocabulary_texts
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_0|>"]
@@ -37,8 +39,9 @@ def mini_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0}
-    texts = [THINKDIFF_INSTRUCTION, "user assistant system Word : , . ' ? ! -", *[str(i) for i in range(10)],
-             *world_vocabulary_texts(), *[word(x) for items in ITEM_DICT.values() for x in items]]
+    texts = [THINKDIFF_INSTRUCTION, *THINKDIFF_PROMPTS, "user assistant system Word : , . ' ? ! -",
+             *[str(i) for i in range(10)], *world_vocabulary_texts(),
+             *[word(x) for items in ITEM_DICT.values() for x in items]]
     for text in texts:
         for w in tokens_of(text):
             vocab.setdefault(w, len(vocab))
@@ -92,8 +95,8 @@ def training_batch(processor, sequences, rng: np.random.Generator):
     """Processor inputs for prompt + answer + <|eot_id|>, and labels on the answer and its end token only."""
     texts, images, prompt_lens = [], [], []
     for q in sequences:
-        task = TASKS[q.task_id]
-        pics = [jittered(task.task_type, d, o, rng) for d, o in q.image_pairs()]
+        theme = q.task_type if isinstance(q, Captioning) else TASKS[q.task_id].task_type
+        pics = [jittered(theme, d, o, rng) for d, o in q.image_pairs()]
         request = VLMRequest(q.prompt(), pics)
         prompt = processor.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True,
                                                **CHAT_TEMPLATE_KWARGS)
@@ -110,9 +113,11 @@ def training_batch(processor, sequences, rng: np.random.Generator):
     return enc
 
 
-def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-              progress: bool = True) -> tuple[Path, list[float]]:
-    """Build and train the miniature Mllama; saves it (safetensors + processor) to `out_dir`."""
+def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, captioning: float = 0.25,
+              seed: int = 0, progress: bool = True) -> tuple[Path, list[float]]:
+    """Build and train the miniature Mllama on CoBSAT-format sequences, with a `captioning` share of single-drawing
+    captioning examples (what the aligner's first stage feeds it); saves it (safetensors + processor) to
+    `out_dir`."""
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
     out_dir = build_mllama(out_dir, seed)
@@ -120,7 +125,11 @@ def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: 
     model = MllamaForConditionalGeneration.from_pretrained(str(out_dir)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    sequences = training_sequences(steps * batch_size, seed=seed)
+    total = steps * batch_size
+    captions = round(captioning * total)
+    mixed = random.Random(f"thinkdiff-mini-vlm/{seed}")
+    sequences = training_sequences(total - captions, seed=seed) + captioning_examples(captions, seed=seed)
+    mixed.shuffle(sequences)
     rng = np.random.default_rng(seed)
     losses = []
     for step in tqdm(range(steps), desc="mini VLM", disable=not progress):

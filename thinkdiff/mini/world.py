@@ -115,6 +115,35 @@ class Sequence:
         return [self.pair(x) for x in self.x_items[:-1]]
 
 
+@dataclass(frozen=True)
+class Captioning:
+    """One captioning example (ThinkDiff's first stage trains the aligner on these): a drawing and one of
+    ThinkDiff's brief instructions; the answer is the drawing's description."""
+
+    task_type: str
+    detail: str
+    obj: str
+    instruction: str
+
+    def prompt(self) -> str:
+        return self.instruction
+
+    def answer(self) -> str:
+        return answer(self.task_type, self.detail, self.obj)
+
+    def image_pairs(self) -> list[tuple[str, str]]:
+        return [(self.detail, self.obj)]
+
+
+def captioning_examples(count: int, seed: int = 0) -> list[Captioning]:
+    """`count` captioning examples: uniform drawings, instructions from THINKDIFF_PROMPTS."""
+    from ..config import THINKDIFF_PROMPTS
+
+    rng = random.Random(f"thinkdiff-mini-captions/{seed}")
+    world = drawings()
+    return [Captioning(*rng.choice(world), rng.choice(THINKDIFF_PROMPTS)) for _ in range(count)]
+
+
 def evaluation_keys() -> set[tuple[int, tuple[str, ...], str]]:
     """(task, words, hidden value) of every sample of CoBSAT's seed-123 lists, at every shot count."""
     keys = set()
@@ -142,5 +171,6 @@ def training_sequences(count: int, seed: int = 0, shots: tuple[int, ...] = (1, 2
     return out
 
 
-__all__ = ["ACTION_PHRASES", "NUM_PROMPTS", "PLACE_PHRASES", "Sequence", "answer", "caption", "drawings",
+__all__ = ["ACTION_PHRASES", "NUM_PROMPTS", "PLACE_PHRASES", "Captioning", "Sequence", "answer", "caption",
+           "captioning_examples", "drawings",
            "evaluation_keys", "jittered", "training_sequences", "world_vocabulary_texts"]
