@@ -148,3 +148,25 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
     assert result.images[0].size == (64, 64) and result.text[0]
     before = (out / "summary.json").read_text()
     assert main(["train-mini", str(out), "--quick"]) == 0 and (out / "summary.json").read_text() == before
+
+
+def test_cnn_judge_learns_the_drawings_and_answers_cobsat_questions(tmp_path):
+    from thinkdiff.config import load_config
+    from thinkdiff.eval.cobsat import ITEM_DICT, judge_questions, parse_option
+    from thinkdiff.eval.config import CobsatEvalConfig
+    from thinkdiff.eval.judges import make_judge
+    from thinkdiff.mini.judge import train_judge
+
+    out, losses = train_judge(tmp_path / "judge", steps=150, copies=1, progress=False)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    judge = make_judge(load_config(CobsatEvalConfig, None, ["judge.kind=cnn", f"judge.model={out}"]).judge)
+    right, pairs = 0, []
+    for task in TASKS.values():
+        qs = judge_questions(task)
+        d_space, o_space = task.task_type.split("_")
+        for detail, obj in zip(ITEM_DICT[d_space][:3], ITEM_DICT[o_space][3:6]):
+            image = draw(task.task_type, detail, obj)
+            pairs += [(image, qs["detail"]), (image, qs["obj"])]
+            right += parse_option(judge.ask(image, qs["detail"])) == ITEM_DICT[d_space].index(detail) + 1
+    assert right >= 10  # of 30 details (chance: 3)
+    assert judge.ask_many(pairs)[:2] == [judge.ask(*pairs[0]), judge.ask(*pairs[1])]

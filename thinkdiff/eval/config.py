@@ -24,7 +24,7 @@ from ..config import (
 from .cobsat import MAX_SHOT, NUM_PROMPTS
 
 Method = Literal["thinkdiff", "text-bridge", "oracle", "random"]
-JudgeKind = Literal["engine", "transformers", "oracle"]
+JudgeKind = Literal["engine", "transformers", "oracle", "cnn"]
 METHODS = typing.get_args(Method)
 JUDGE_KINDS = typing.get_args(JudgeKind)
 
@@ -54,7 +54,8 @@ class CobsatSection:
 
 @config_dataclass
 class JudgeConfig:
-    # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle
+    # engine (our VLM engines) | transformers (LLaVA-1.5 and other image-text-to-text) | oracle | cnn (the
+    # miniature's drawing classifier, thinkdiff.mini.judge; `model` is its folder)
     kind: JudgeKind = "engine"
     model: str = "tiny:mllama"  # engine/transformers: model reference (folder, cached repo id, tiny:KIND)
     backend: Literal["transformers", "vllm", "remote"] = "transformers"  # engine

@@ -235,6 +235,10 @@ def make_judge(config, root: str | Path | None = None) -> Judge:
                         max_new_tokens=config.max_new_tokens, system=config.system)
         return EngineJudge(make_engine(vlm), max_new_tokens=config.max_new_tokens, system=config.system,
                            batch_size=config.batch_size, name=f"engine:{config.backend}:{config.model}")
+    if config.kind == "cnn":
+        from ..mini.judge import CNNJudge
+
+        return CNNJudge(resolve_model(config.model, "judge.model"))
     if config.kind == "transformers":
         return TransformersJudge(resolve_model(config.model, "judge.model"), template=config.template,
                                  dtype=torch_dtype(config.dtype), device=config.device,
