@@ -366,3 +366,26 @@ def test_t5_proxy_loads_only_its_decoder_and_matches_the_full_model(tiny):
     assert torch.equal(want, got)
     bf16, _ = load_t5_decoder(tiny("t5"), dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("norm_init", ["encoder", "ones"])
+def test_norm_init_knob(toy, cache, tmp_path, norm_init):
+    """ThinkDiff initialises the aligner's RMSNorm from the T5 encoder's final norm; `objective.norm_init=ones` is
+    its Fig. 7 ablation (the default init). One step at a negligible learning rate keeps the initial weight."""
+    from safetensors.torch import save_file
+
+    from thinkdiff.weights import resolve_model
+
+    t5 = tmp_path / "t5"  # the tiny T5 with a final encoder norm that is not all ones
+    shutil.copytree(resolve_model("tiny:t5"), t5)
+    weights = load_file(t5 / "model.safetensors")
+    weights["encoder.final_layer_norm.weight"] = torch.linspace(0.5, 1.5, weights[
+        "encoder.final_layer_norm.weight"].numel())
+    save_file(weights, t5 / "model.safetensors", metadata={"format": "pt"})
+    final = train_aligner(config(toy, tmp_path / "run", f"train.cache={cache}", "train.max_steps=1",
+                                 "train.checkpoint_every=0", "train.sample_every=-1", "optim.lr=1e-12",
+                                 "optim.min_lr=0", "optim.warmup_lr=0", "optim.warmup_steps=0",
+                                 f"objective.t5_model={t5}", f"objective.norm_init={norm_init}"))
+    norm = load_file(final / "model.safetensors")["norm.weight"]
+    expected = weights["encoder.final_layer_norm.weight"] if norm_init == "encoder" else torch.ones_like(norm)
+    torch.testing.assert_close(norm, expected.to(norm.dtype), atol=1e-6, rtol=0)

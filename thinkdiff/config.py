@@ -214,6 +214,9 @@ class ObjectiveConfig:
     text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
     max_target_tokens: PositiveInt = 128
     vlm_tokenizer: str | None = None  # where the VLM's tokenizer is (default: vlm.model; set it for backend remote)
+    # The aligner's RMSNorm weight at the start: "encoder" = the text encoder's final norm (ThinkDiff; t5_decoder and
+    # regression), "ones" = the default init (ThinkDiff's Fig. 7 ablation).
+    norm_init: Literal["encoder", "ones"] = "encoder"
 
 
 @config_dataclass

@@ -132,7 +132,8 @@ def train_aligner(cfg: AlignTrainConfig) -> Path:
 
     aligner = Aligner(AlignerConfig(input_dim=hidden_size, output_dim=objective.output_dim, layer=cfg.layer,
                                     embed=cfg.embed), generator=generator(loop.seed))
-    objective.init_aligner(aligner)
+    if cfg.objective.norm_init == "encoder":
+        objective.init_aligner(aligner)
     optimizer = torch.optim.AdamW(param_groups(aligner, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas))
     scheduler = thinkdiff_lr_scheduler(optimizer, cfg.optim, loop.max_steps)
