@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..rng import generator
+from .optim import OneCycleAdamW
 from .world import answer, caption, drawings, jittered
 
 LATENT_SCALE = 0.5  # scaling_factor: latents of about unit variance for the UNet (set from the trained VAE)
@@ -118,8 +119,7 @@ def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor,
     dim = states[0].shape[-1]
     decoder = SD15Decoder(build_pipeline(vae, dim, seed))
     unet = decoder.pipe.unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    optim = OneCycleAdamW(unet.parameters(), lr, steps)
     order, rng = torch.Generator().manual_seed(seed), random.Random(f"thinkdiff-mini-decoder/{seed}")
     losses = []
     for step in tqdm(range(steps), desc="mini decoder", disable=not progress):
@@ -132,12 +132,7 @@ def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor,
                 tokens[row, :len(s)] = s + state_noise * torch.randn(s.shape, generator=generator(seed, step))
         loss = decoder.training_loss(tokens, None, pixels[picks],
                                      [generator(seed, step * batch_size + row) for row in range(batch_size)])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(optim.step(loss))
     out_dir = Path(out_dir)
     unet.eval()
     decoder.pipe.save_pretrained(out_dir)

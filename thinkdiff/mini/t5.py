@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .optim import OneCycleAdamW
 from .world import world_vocabulary_texts
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,7 @@ def train_t5(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     model = build_t5(tok, seed=seed).train()
     texts = [tok(t, add_special_tokens=False).input_ids for t in world_texts()]
     sentinels = tok.convert_tokens_to_ids(SENTINELS)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    optim = OneCycleAdamW(model.parameters(), lr, steps)
     rng = random.Random(f"thinkdiff-mini-t5/{seed}")
     order = torch.Generator().manual_seed(seed)
     losses = []
@@ -113,12 +113,7 @@ def train_t5(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
         source = _pad([s + [tok.eos_token_id] for s, _ in pairs], tok.pad_token_id)
         target = _pad([t + [tok.eos_token_id] for _, t in pairs], -100)
         loss = model(input_ids=source, attention_mask=(source != tok.pad_token_id).long(), labels=target).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(optim.step(loss))
     out_dir = Path(out_dir)
     model.eval().save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

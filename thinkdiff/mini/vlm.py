@@ -21,6 +21,7 @@ from ..config import THINKDIFF_PROMPTS
 from ..eval.cobsat import ITEM_DICT, TASKS, THINKDIFF_INSTRUCTION, word
 from ..testing.tiny_models import llama32_vision_chat_template
 from ..vlm.engine import CHAT_TEMPLATE_KWARGS, VLMRequest
+from .optim import OneCycleAdamW
 from .world import Captioning, captioning_examples, jittered, training_sequences, world_vocabulary_texts
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
@@ -123,8 +124,7 @@ def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: 
     out_dir = build_mllama(out_dir, seed)
     processor = AutoProcessor.from_pretrained(str(out_dir))
     model = MllamaForConditionalGeneration.from_pretrained(str(out_dir)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    optim = OneCycleAdamW(model.parameters(), lr, steps, weight_decay=0.01)
     total = steps * batch_size
     captions = round(captioning * total)
     mixed = random.Random(f"thinkdiff-mini-vlm/{seed}")
@@ -135,11 +135,6 @@ def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: 
     for step in tqdm(range(steps), desc="mini VLM", disable=not progress):
         batch = training_batch(processor, sequences[step * batch_size:(step + 1) * batch_size], rng)
         loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(optim.step(loss))
     model.eval().save_pretrained(out_dir)
     return out_dir, losses
