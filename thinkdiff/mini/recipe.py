@@ -4,7 +4,8 @@
     decoder/   VAE + SD1.5-style UNet on jittered drawings, conditioned on t5/'s encoder states
     vlm/       the Mllama, on CoBSAT-format sequences and captioning examples
     captions/  jittered drawings + captions: the aligner's training data (ThinkDiff's first stage)
-    aligner/   train.py's alignment run: the t5_decoder objective on vlm/'s generated-token states, t5/ frozen
+    aligner_features/  vlm/'s answers and generated-token states for every caption example (the feature cache)
+    aligner_run/       train.py's alignment run: the t5_decoder objective on those states, t5/ frozen
     thinkdiff.yaml   the pipeline config (vlm/, aligner/, decoder/); `python infer.py --config OUT_DIR/thinkdiff.yaml`
     losses/STAGE.txt one loss per step
 
@@ -89,6 +90,9 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
 
     def aligner():
         from ..train.align import train_aligner
+        from ..train.data import ImageCaptionDataset
+        from ..train.feature_cache import write_cache
+        from ..vlm import make_engine, sampling_from
 
         if not (out / "captions").is_dir():
             write_captions(out / "captions", s["caption_copies"], seed)
@@ -102,7 +106,11 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
             "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, s["aligner_steps"] // 20)},
             "train": {"output_dir": str(out / "aligner_run"), "max_steps": s["aligner_steps"],
                       "batch_size": s["aligner_batch"], "checkpoint_every": 0, "log_every": 10, "seed": seed,
-                      "overwrite": True}})
+                      "overwrite": True, "cache": str(out / "aligner_features"), "cache_dtype": "float32"}})
+        # The VLM's answers and states once per caption example (the feature cache), then the aligner's steps.
+        dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=cfg.train.seed)
+        write_cache(make_engine(cfg.vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
+                    vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype)
         train_aligner(cfg)
         losses = [float(x) for x in (out / "aligner_run" / "losses.txt").read_text().split()]
         return losses
