@@ -93,8 +93,8 @@ def test_tiny_mllama_carries_llama32_visions_template_and_ids(tiny, engine, imag
 
     from transformers import AutoConfig, GenerationConfig
 
+    from thinkdiff.chat_templates import llama32_vision_chat_template
     from thinkdiff.config import VLMConfig
-    from thinkdiff.testing.tiny_models import llama32_vision_chat_template
     from thinkdiff.vlm import VLMRequest, make_engine
 
     template = llama32_vision_chat_template()

@@ -94,7 +94,8 @@ class CNNJudge:
     def __init__(self, path: str | Path):
         from safetensors.torch import load_model
 
-        self.model = DrawingClassifier()
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's RNG stays as it was
+            self.model = DrawingClassifier()
         load_model(self.model, str(Path(path) / "model.safetensors"))
         self.model.eval()
         self.name = f"cnn:{Path(path).name}"

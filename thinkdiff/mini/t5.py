@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .optim import OneCycleAdamW
+from .tokenizer import word_level_tokenizer
 from .world import world_vocabulary_texts
 
 logger = logging.getLogger(__name__)
@@ -26,30 +26,10 @@ SENTINELS = [f"<extra_id_{i}>" for i in range(8)]
 SPECIALS = ["<pad>", "</s>", "<unk>", *SENTINELS]
 
 
-def world_texts() -> list[str]:
-    """Every caption and every answer of the world (1,000 texts)."""
-    return world_vocabulary_texts()
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", text.lower())
-
-
 def world_tokenizer():
     """A word-level T5-style tokenizer (lowercase; pad 0, eos 1, unk 2, sentinels) over the world's words."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for text in world_texts():
-        for w in words(text):
-            vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=SENTINELS)
+    return word_level_tokenizer(world_vocabulary_texts(), SPECIALS, model_max_length=64, pad_token="<pad>",
+                                eos_token="</s>", additional_special_tokens=SENTINELS)
 
 
 def span_corruption(ids: list[int], rng: random.Random, sentinel_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -100,7 +80,7 @@ def train_t5(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     folder and the loss of every step."""
     tok = world_tokenizer()
     model = build_t5(tok, seed=seed).train()
-    texts = [tok(t, add_special_tokens=False).input_ids for t in world_texts()]
+    texts = [tok(t, add_special_tokens=False).input_ids for t in world_vocabulary_texts()]
     sentinels = tok.convert_tokens_to_ids(SENTINELS)
     optim = OneCycleAdamW(model.parameters(), lr, steps)
     rng = random.Random(f"thinkdiff-mini-t5/{seed}")
@@ -127,5 +107,4 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-__all__ = ["SENTINELS", "build_t5", "prefix_completion", "span_corruption", "train_t5", "world_texts",
-           "world_tokenizer"]
+__all__ = ["SENTINELS", "build_t5", "prefix_completion", "span_corruption", "train_t5", "world_tokenizer"]

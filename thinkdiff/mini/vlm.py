@@ -10,18 +10,18 @@ and its end token only. Training sequences come from world.training_sequences (n
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..chat_templates import llama32_vision_chat_template
 from ..config import THINKDIFF_PROMPTS
 from ..eval.cobsat import ITEM_DICT, TASKS, THINKDIFF_INSTRUCTION, word
-from ..testing.tiny_models import llama32_vision_chat_template
 from ..vlm.engine import CHAT_TEMPLATE_KWARGS, VLMRequest
 from .optim import OneCycleAdamW
+from .tokenizer import word_level_tokenizer
 from .world import Captioning, captioning_examples, jittered, training_sequences, world_vocabulary_texts
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
@@ -30,29 +30,14 @@ END_IDS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 TILE, PATCH = 56, 14  # a 64-px drawing is one 56-px tile (of 4, as Mllama needs), 14-px patches: 16 + 1 tokens
 
 
-def tokens_of(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", text.lower())
-
-
 def mini_tokenizer():
     """Word-level, lowercase; Llama-3.2's special tokens (names, not ids) and <|image|> last (= vocab_size)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0}
     texts = [THINKDIFF_INSTRUCTION, *THINKDIFF_PROMPTS, "user assistant system Word : , . ' ? ! -",
              *[str(i) for i in range(10)], *world_vocabulary_texts(),
              *[word(x) for items in ITEM_DICT.values() for x in items]]
-    for text in texts:
-        for w in tokens_of(text):
-            vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens([AddedToken(s, normalized=False) for s in SPECIALS + ["<|image|>"]])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, bos_token="<|begin_of_text|>",
-                                   eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", unk_token="<unk>")
+    fast = word_level_tokenizer(texts, ["<unk>"], SPECIALS + ["<|image|>"], model_max_length=2048,
+                                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                pad_token="<|finetune_right_pad_id|>")
     fast.chat_template = llama32_vision_chat_template()
     return fast
 

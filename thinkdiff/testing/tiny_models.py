@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_dir
+from ..chat_templates import llama32_vision_chat_template
 from ..errors import ConfigError
 
 VLM_KINDS = ("llama", "mllama", "qwen2-vl")
@@ -156,15 +157,6 @@ LLAMA32_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special
 LLAMA32_FIRST_SPECIAL = 128000
 LLAMA32_EOS_IDS = [128001, 128008, 128009]  # generation_config.json's eos_token_id
 LLAMA32_PAD_ID = 128004
-
-
-def llama32_vision_chat_template() -> str:
-    """Llama-3.2-11B-Vision-Instruct's published chat template, verbatim (its system block with "Cutting Knowledge
-    Date", its refusal of a system message next to images). Source: the chat_template of
-    meta-llama/Llama-3.2-11B-Vision-Instruct on the Hugging Face Hub, as copied in the Jinja test suite of
-    maiqingqiang/Jinja (Tests/JinjaTests/ChatTemplateTests.swift, `llama3_2visionChatTemplate`) and in NVIDIA
-    NeMo's MLlamaTemplateConfig; sha256 e4073232...7d3c of the text."""
-    return (Path(__file__).parents[1] / "chat_templates" / "llama32_vision_instruct.jinja").read_text()
 
 
 def _llama32_vision_tokenizer():
