@@ -171,10 +171,15 @@ class Decoder:
         [B, L]) and the target images `pixels` [B, 3, H, W] in [-1, 1], following diffusers' training examples.
         `generators` (CPU, one per sample) draw each sample's latents, noise and timestep, so a sample's loss does
         not depend on the rest of its batch (nor on how a batch is split over processes)."""
+        return self.latent_loss(tokens, mask, self.encode_latents(pixels.to(self.device, self.dtype), generators),
+                                generators)
+
+    def latent_loss(self, tokens: torch.Tensor, mask: torch.Tensor | None, x0: torch.Tensor,
+                    generators: list[torch.Generator]) -> torch.Tensor:
+        """`training_loss` for latents already encoded (`encode_latents`), e.g. a cache of a fixed image set."""
         cond = self.make_conditioning(tokens, mask)
         self.check_conditioning(cond, 1.0)
-        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generators)
-        return self.flow_matching_loss(cond, x0, generators)
+        return self.flow_matching_loss(cond, x0.to(self.device, self.dtype), generators)
 
     def encode_latents(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """VAE latents as the backbone sees them (shifted and scaled)."""

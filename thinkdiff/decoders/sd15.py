@@ -21,25 +21,31 @@ class SD15Decoder(Decoder):
     def conditioning_dim(self) -> int:
         return self.pipe.unet.config.cross_attention_dim
 
-    def training_loss(self, tokens, mask, pixels, generators):
-        """Noise prediction (epsilon or v), as diffusers' examples/text_to_image/train_text_to_image.py."""
+    def latent_loss(self, tokens, mask, x0, generators, snr_gamma: float | None = None):
+        """Noise prediction (epsilon or v), as diffusers' examples/text_to_image/train_text_to_image.py, including
+        its `--snr_gamma` option: Min-SNR-gamma loss weights (Hang et al. 2023), which train the high-noise steps
+        that decide an image's content harder than plain MSE does."""
         from diffusers import DDPMScheduler
+        from diffusers.training_utils import compute_snr
         from diffusers.utils.torch_utils import randn_tensor
 
         cond = self.make_conditioning(tokens, mask)
         self.check_conditioning(cond, 1.0)
         scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        x0 = self.encode_latents(pixels.to(self.device, self.dtype), generators)
+        x0 = x0.to(self.device, self.dtype)
         noise = randn_tensor(x0.shape, generator=generators, dtype=x0.dtype).to(x0.device)
         timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
                                for g in generators]).to(x0.device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            target = noise
+        v_prediction = scheduler.config.prediction_type == "v_prediction"
+        target = scheduler.get_velocity(x0, noise, timesteps) if v_prediction else noise
         pred = self.pipe.unet(noisy, timesteps, cond.prompt_embeds, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target.float())
+        if snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean()
 
     def pipeline_kwargs(self, cond, guidance_scale):
         kwargs = dict(prompt_embeds=cond.prompt_embeds, guidance_scale=guidance_scale)

@@ -3,11 +3,12 @@
 T5's encoder states, saved as a diffusers `StableDiffusionPipeline` that `decoders.load_decoder` opens as family
 `sd15` (ThinkDiff's FLUX.1-dev, which reads T5 encoder states, in miniature).
 
-Why this family: its UNet keeps attention at the low resolutions only, the cheapest to train on 2 CPU cores, and the
-pipeline takes the T5 states as `prompt_embeds` unchanged. The UNet learns through our own
-`SD15Decoder.training_loss` (diffusers' text-to-image recipe). To tolerate aligned tokens near, not only on, the T5
-encoder's outputs, conditioning is dropped for 10% of samples (zeros: the decoder's classifier-free-guidance
-negatives) and the states get mild Gaussian noise.
+Why this family: its UNet keeps attention at the low resolutions only (8x8 and 4x4 here), the cheapest to train on
+2 CPU cores, and the pipeline takes the T5 states as `prompt_embeds` unchanged. The UNet learns through our own
+`SD15Decoder.latent_loss` (diffusers' text-to-image recipe with Min-SNR-5 weights) on latents encoded once from a
+pool of jittered drawings. To tolerate aligned tokens near, not only on, the T5 encoder's outputs, conditioning is
+dropped for 10% of samples (zeros: the decoder's classifier-free-guidance negatives) and the states get mild
+Gaussian noise.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def build_pipeline(vae, cross_attention_dim: int, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                    block_out_channels=(64, 128), down_block_types=("DownBlock2D",
-                                                                                    "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                    block_out_channels=(64, 128, 128),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                     cross_attention_dim=cross_attention_dim, attention_head_dim=32,
                                     norm_num_groups=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -106,9 +107,18 @@ def build_pipeline(vae, cross_attention_dim: int, seed: int = 0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+@torch.no_grad()
+def encode_pool(decoder, pixels: torch.Tensor, seed: int = 0, chunk: int = 64) -> torch.Tensor:
+    """Latents [N, 4, 16, 16] of every pool image, as the UNet sees them (one posterior sample each)."""
+    return torch.cat([decoder.encode_latents(pixels[i:i + chunk], [generator(seed, i + j) for j in
+                                                                   range(len(pixels[i:i + chunk]))])
+                      for i in range(0, len(pixels), chunk)])
+
+
 def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor, index: list[int], vae,
-                  steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, drop: float = 0.1,
-                  state_noise: float = 0.05, seed: int = 0, progress: bool = True) -> tuple[Path, list[float]]:
+                  steps: int = 4500, batch_size: int = 32, lr: float = 1e-3, drop: float = 0.1,
+                  state_noise: float = 0.05, snr_gamma: float = 5.0, seed: int = 0,
+                  progress: bool = True) -> tuple[Path, list[float]]:
     """Train the UNet on (jittered drawing, T5 states of its caption or its answer) and save the pipeline to
     `out_dir`; returns the folder and the loss per step."""
     from ..decoders.sd15 import SD15Decoder
@@ -118,6 +128,7 @@ def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor,
     states = t5_states(t5_dir, [t for pair in texts for t in pair])  # caption i at 2i, answer i at 2i + 1
     dim = states[0].shape[-1]
     decoder = SD15Decoder(build_pipeline(vae, dim, seed))
+    latents = encode_pool(decoder, pixels, seed)
     unet = decoder.pipe.unet.train()
     optim = OneCycleAdamW(unet.parameters(), lr, steps)
     order, rng = torch.Generator().manual_seed(seed), random.Random(f"thinkdiff-mini-decoder/{seed}")
@@ -130,8 +141,9 @@ def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor,
         for row, s in enumerate(chosen):
             if rng.random() >= drop:  # dropped rows stay zeros: the unconditional branch of guidance
                 tokens[row, :len(s)] = s + state_noise * torch.randn(s.shape, generator=generator(seed, step))
-        loss = decoder.training_loss(tokens, None, pixels[picks],
-                                     [generator(seed, step * batch_size + row) for row in range(batch_size)])
+        loss = decoder.latent_loss(tokens, None, latents[picks],
+                                   [generator(seed, step * batch_size + row) for row in range(batch_size)],
+                                   snr_gamma=snr_gamma)
         losses.append(optim.step(loss))
     out_dir = Path(out_dir)
     unet.eval()
