@@ -68,7 +68,9 @@ def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
     out, losses = train_t5(tmp_path / "t5", steps=80, batch_size=32, progress=False)
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5]), (losses[:5], losses[-10:])
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert tok.decode(tok("Create an image of a lion on a beach.").input_ids) == "create an image of a lion on a beach."
+    ids = tok("Create an image of a lion on a beach.").input_ids
+    assert ids[-1] == tok.eos_token_id and len(ids) == 11  # T5-like: every text ends with </s>
+    assert tok.decode(ids, skip_special_tokens=True) == "create an image of a lion on a beach."
     t5, norm = load_t5_decoder(out)
     assert norm.shape == (128,) and t5.config.d_model == 128
 
@@ -95,6 +97,18 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
     image = decoder.generate(decoder.make_conditioning(states[None]), height=64, width=64, num_inference_steps=2,
                              progress=False)[0]
     assert image.size == (64, 64)
+    # The pipeline's own text path (the text-bridge) is the T5 encoder over the caption, </s> and padding to 16.
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
+    assert isinstance(pipe.text_encoder, T5EncoderModel)
+    ids = AutoTokenizer.from_pretrained(str(t5))("a green car", padding="max_length", max_length=16).input_ids
+    with torch.no_grad():
+        reference = pipe.text_encoder(torch.tensor([ids])).last_hidden_state
+        embeds = pipe.encode_prompt("a green car", "cpu", 1, do_classifier_free_guidance=False)[0]
+        unpadded = pipe.text_encoder(torch.tensor([ids[:4]])).last_hidden_state[0]  # "a green car </s>"
+    assert torch.equal(embeds, reference) and torch.allclose(unpadded, states, atol=1e-6)
 
 
 def test_mini_vlm_trains_on_cobsat_prompts_and_serves_through_the_engine(tmp_path):

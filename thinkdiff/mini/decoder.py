@@ -78,33 +78,33 @@ def train_vae(pixels: torch.Tensor, steps: int = 1500, batch_size: int = 16, lr:
 
 @torch.no_grad()
 def t5_states(t5_dir: str | Path, texts: list[str]) -> list[torch.Tensor]:
-    """The miniature T5 encoder's states of each text [len_i, D] (no padding, as the decoder will see them)."""
+    """The miniature T5 encoder's states of each text and its </s> [len_i, D], unpadded (as aligned tokens come)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     tok = AutoTokenizer.from_pretrained(str(t5_dir))
     encoder = T5EncoderModel.from_pretrained(str(t5_dir)).eval()
-    out = []
-    for text in texts:
-        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        out.append(encoder(input_ids=torch.tensor([ids])).last_hidden_state[0])
-    return out
+    return [encoder(input_ids=torch.tensor([tok(text).input_ids])).last_hidden_state[0] for text in texts]
 
 
-def build_pipeline(vae, cross_attention_dim: int, seed: int = 0):
+def build_pipeline(vae, t5_dir: str | Path, seed: int = 0):
+    """A fresh UNet under the trained VAE, with the T5's encoder and tokenizer as the pipeline's own text path."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, T5EncoderModel
 
+    text_encoder = T5EncoderModel.from_pretrained(str(t5_dir)).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                                     block_out_channels=(64, 128, 128),
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                    cross_attention_dim=cross_attention_dim, attention_head_dim=32,
+                                    cross_attention_dim=text_encoder.config.d_model, attention_head_dim=32,
                                     norm_num_groups=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=AutoTokenizer.from_pretrained(
+        str(t5_dir)), unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 @torch.no_grad()
@@ -120,32 +120,40 @@ def train_decoder(out_dir: str | Path, t5_dir: str | Path, pixels: torch.Tensor,
                   state_noise: float = 0.05, snr_gamma: float = 5.0, seed: int = 0,
                   progress: bool = True) -> tuple[Path, list[float]]:
     """Train the UNet on (jittered drawing, T5 states of its caption or its answer) and save the pipeline to
-    `out_dir`; returns the folder and the loss per step."""
+    `out_dir`; returns the folder and the loss per step. The states come unpadded (as aligned tokens will) or padded
+    to 16 tokens by the pipeline's own `encode_prompt` (the text-bridge's path), half each; dropped rows get the
+    zeros that ThinkDiff's negatives are, or the pipeline's own encoding of "", half each."""
     from ..decoders.sd15 import SD15Decoder
 
     world = drawings()
-    texts = [(caption(*d), answer(*d)) for d in world]
-    states = t5_states(t5_dir, [t for pair in texts for t in pair])  # caption i at 2i, answer i at 2i + 1
-    dim = states[0].shape[-1]
-    decoder = SD15Decoder(build_pipeline(vae, dim, seed))
+    texts = [t for d in world for t in (caption(*d), answer(*d))]  # caption i at 2i, answer i at 2i + 1
+    pipe = build_pipeline(vae, t5_dir, seed)
+    with torch.no_grad():
+        padded = pipe.encode_prompt(texts + [""], "cpu", 1, do_classifier_free_guidance=False)[0]
+    states = [t5_states(t5_dir, texts), list(padded[:-1])]
+    negatives = [torch.zeros(0, padded.shape[-1]), padded[-1]]
+    decoder = SD15Decoder(pipe)
     latents = encode_pool(decoder, pixels, seed)
-    unet = decoder.pipe.unet.train()
+    unet = pipe.unet.train()
     optim = OneCycleAdamW(unet.parameters(), lr, steps)
     order, rng = torch.Generator().manual_seed(seed), random.Random(f"thinkdiff-mini-decoder/{seed}")
     losses = []
     for step in tqdm(range(steps), desc="mini decoder", disable=not progress):
         picks = torch.randint(len(pixels), (batch_size,), generator=order).tolist()
-        chosen = [states[2 * index[i] + rng.randint(0, 1)] for i in picks]
-        length = max(len(s) for s in chosen)
-        tokens = torch.zeros(batch_size, length, dim)
-        for row, s in enumerate(chosen):
-            if rng.random() >= drop:  # dropped rows stay zeros: the unconditional branch of guidance
-                tokens[row, :len(s)] = s + state_noise * torch.randn(s.shape, generator=generator(seed, step))
+        noise = generator(seed, step)
+        tokens = torch.zeros(batch_size, padded.shape[1], padded.shape[-1])
+        for row, i in enumerate(picks):
+            form = rng.randint(0, 1)
+            if rng.random() < drop:  # the unconditional branch of guidance
+                tokens[row, :len(negatives[form])] = negatives[form]
+            else:
+                s = states[form][2 * index[i] + rng.randint(0, 1)]
+                tokens[row, :len(s)] = s + state_noise * torch.randn(s.shape, generator=noise)
         loss = decoder.latent_loss(tokens, None, latents[picks],
                                    [generator(seed, step * batch_size + row) for row in range(batch_size)],
                                    snr_gamma=snr_gamma)
         losses.append(optim.step(loss))
     out_dir = Path(out_dir)
     unet.eval()
-    decoder.pipe.save_pretrained(out_dir)
+    pipe.save_pretrained(out_dir)
     return out_dir, losses

@@ -24,12 +24,15 @@ logger = logging.getLogger(__name__)
 
 SENTINELS = [f"<extra_id_{i}>" for i in range(8)]
 SPECIALS = ["<pad>", "</s>", "<unk>", *SENTINELS]
+MAX_TOKENS = 16  # the pipeline text path pads to this many tokens
 
 
 def world_tokenizer():
-    """A word-level T5-style tokenizer (lowercase; pad 0, eos 1, unk 2, sentinels) over the world's words."""
-    return word_level_tokenizer(world_vocabulary_texts(), SPECIALS, model_max_length=64, pad_token="<pad>",
-                                eos_token="</s>", additional_special_tokens=SENTINELS)
+    """A word-level T5-style tokenizer (lowercase; pad 0, eos 1, unk 2, sentinels) over the world's words. Like
+    T5's, it ends every text with </s>; diffusers pads prompts to `model_max_length`, 16 here (the longest caption
+    is 11 tokens), as FLUX pads its T5 prompts to 512."""
+    return word_level_tokenizer(world_vocabulary_texts(), SPECIALS, append="</s>", model_max_length=MAX_TOKENS,
+                                pad_token="<pad>", eos_token="</s>", additional_special_tokens=SENTINELS)
 
 
 def span_corruption(ids: list[int], rng: random.Random, sentinel_ids: list[int]) -> tuple[list[int], list[int]]:

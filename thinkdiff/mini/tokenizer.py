@@ -11,11 +11,13 @@ def words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", text.lower())
 
 
-def word_level_tokenizer(texts: list[str], first: list[str], last: list[str] = (), **named_tokens):
+def word_level_tokenizer(texts: list[str], first: list[str], last: list[str] = (), append: str | None = None,
+                         **named_tokens):
     """A transformers fast tokenizer: ids for `first` (e.g. pad, eos, unk), then every word of `texts` in order of
-    appearance, then `last` as special tokens (never split, never lowercased). `named_tokens` go to
-    `PreTrainedTokenizerFast` (pad_token=..., model_max_length=...)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    appearance, then `last` as special tokens (never split, never lowercased). `append`: a token of `first` added
+    after every text (T5's tokenizers end each text with </s>). `named_tokens` go to `PreTrainedTokenizerFast`
+    (pad_token=..., model_max_length=...)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(first)}
@@ -27,4 +29,7 @@ def word_level_tokenizer(texts: list[str], first: list[str], last: list[str] = (
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.add_special_tokens([AddedToken(s, normalized=False) for s in last])
+    if append is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {append}", pair=f"$A {append} $B {append}",
+                                                           special_tokens=[(append, vocab[append])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **named_tokens)
