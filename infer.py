@@ -1,7 +1,8 @@
 """Generate images with ThinkDiff: the VLM thinks about the prompt (and images), the decoder draws.
 
-    python infer.py                                   # embedded offline tiny default, writes outputs/thinkdiff.png
+    python infer.py                                   # the trained miniature on a 2-shot CoBSAT prompt
     python infer.py --config configs/llama32_vision_flux.yaml --prompt "..." --image a.png --image b.png
+    python infer.py --config configs/tiny.yaml        # the tiny random models the tests use
     python infer.py decoder.num_inference_steps=4 vlm.max_new_tokens=8    # any config key, key.sub=value
 """
 
@@ -16,14 +17,23 @@ from pathlib import Path
 from thinkdiff.user_errors import exit_status
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_PROMPT = "Create an image of a red apple on a wooden table in soft morning light."
+# CoBSAT task 1 (colour given, object read from the images), 2-shot sample 0 of the seed-123 lists, as eval-cobsat
+# formats it: a blue car, a brown car, then "orange" -> the answer is an orange car.
+DEFAULT_IMAGES = [str(ROOT / "assets" / "examples" / "blue_car.png"), str(ROOT / "assets" / "examples" /
+                                                                         "brown_car.png")]
+DEFAULT_PROMPT = ("I give you several words and pictures. First, please analyse what the next picture is. Then give "
+                  "me a detailed diffusion prompt to describe the next picture. Please only provide me the detailed "
+                  "prompt and start the answer with 'Create an image'.\n\nWord 1: blue, <image>\n\nWord 2: brown, "
+                  "<image>\n\nWord 3: orange, ")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"),
-                        help="YAML config (default: the embedded tiny offline config)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction for the VLM; <image> places images")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "mini.yaml"),
+                        help="YAML config (default: the trained miniature in assets/mini)")
+    parser.add_argument("--prompt", default=None,
+                        help="instruction for the VLM; <image> places images (default: a 2-shot CoBSAT prompt with "
+                             "assets/examples/blue_car.png and brown_car.png)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="in-context image, repeatable; order is kept")
     parser.add_argument("--seed", type=int, default=None, help="seed for VLM sampling and the initial noise")
@@ -36,7 +46,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="outputs/thinkdiff.png",
                         help="PNG path; a JSON sidecar with the VLM answer, config and timings goes beside it")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prompt is None:
+        if args.image:
+            parser.error("--image needs a --prompt that places it (the default prompt brings its own images)")
+        args.prompt, args.image = DEFAULT_PROMPT, list(DEFAULT_IMAGES)
+    return args
 
 
 def main(argv=None) -> int:

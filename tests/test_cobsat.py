@@ -352,6 +352,30 @@ def test_resume_judges_an_image_already_on_disk(mini, tmp_path):
     assert all(r["reused_image"] for r in load_records(tmp_path / "run" / "records.jsonl"))
 
 
+def test_judge_agreement_pairs_the_same_images(mini, tmp_path):
+    """A second judge over the first run's images (copied results): agreement equals a recount of the records;
+    runs over different images are refused."""
+    import shutil
+
+    from thinkdiff.eval.agreement import judge_agreement
+
+    cfg = ["cobsat.method=random", "cobsat.n=30", "cobsat.tasks=[1,6]", "cobsat.shots=[2]", "cobsat.sheets=false"]
+    run_cobsat(make_config(mini, *cfg, "judge.kind=oracle"), tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a" / "results", tmp_path / "b" / "results")
+    run_cobsat(make_config(mini, *cfg, "judge.kind=oracle", "judge.flip_prob=0.3"), tmp_path / "b", progress=False)
+    a = {r["key"]: r for r in load_records(tmp_path / "a" / "records.jsonl")}
+    b = {r["key"]: r for r in load_records(tmp_path / "b" / "records.jsonl")}
+    assert all(r["reused_image"] for r in b.values()) and len(a) == len(b) == 60
+    same = [a[k][f"answer_{q}"] == b[k][f"answer_{q}"] for k in a for q in ("detail", "obj")]
+    got = judge_agreement(tmp_path / "a", tmp_path / "b")
+    assert got["samples"] == 60 and got["answers_agree"] == sum(same) / 120
+    assert 0.5 < got["answers_agree"] < 0.9  # each answer flips with probability 0.3
+    assert got["judge_a"] == "oracle" and got["judge_b"] == "oracle(flip=0.3)"
+    run_cobsat(make_config(mini, *cfg, "judge.kind=oracle", "seed=7"), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="different images"):
+        judge_agreement(tmp_path / "a", tmp_path / "c")
+
+
 # ------------------------------------------------------------------------------------------ tiny models
 
 def test_end_to_end_tiny_models_and_resume(mini, tmp_path, capsys):

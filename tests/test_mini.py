@@ -67,6 +67,8 @@ def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
 
     out, losses = train_t5(tmp_path / "t5", steps=80, batch_size=32, progress=False)
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+    again = [train_t5(tmp_path / f"again{i}", steps=6, batch_size=8, progress=False)[1] for i in range(2)]
+    assert again[0] == again[1]  # deterministic: same seed, same losses bit for bit
     tok = AutoTokenizer.from_pretrained(str(out))
     ids = tok("Create an image of a lion on a beach.").input_ids
     assert ids[-1] == tok.eos_token_id and len(ids) == 11  # T5-like: every text ends with </s>
@@ -147,8 +149,10 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
     out = tmp_path / "mini"
     assert main(["train-mini", str(out), "--quick"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["t5", "decoder", "vlm", "aligner"]
-    for name, row in summary.items():
+    stages = ["t5", "decoder", "vlm", "aligner", "judge"]
+    assert list(summary) == [*stages, "ship"] and 0 < summary["ship"]["bytes"] < 20 * 2**20
+    for name in stages:
+        row = summary[name]
         assert row["loss_last"] < row["loss_first"], (name, row)
         assert len((out / "losses" / f"{name}.txt").read_text().split()) == row["steps"]
     pipe = ThinkDiffPipeline.from_config(out / "thinkdiff.yaml", ["decoder.num_inference_steps=2"])
@@ -160,6 +164,19 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
     images = [jittered(TASKS[q.task_id].task_type, d, o, rng) for d, o in q.image_pairs()]
     result = pipe(q.prompt(), images=images, seed=0, progress=False)
     assert result.images[0].size == (64, 64) and result.text[0]
+    # ship/: float16 files that load as float32 and give the same answer
+    from safetensors import safe_open
+
+    ship = out / "ship"
+    assert sorted(p.name for p in ship.iterdir()) == ["aligner", "decoder", "judge", "vlm"]
+    for path in ship.rglob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, path
+    shipped = ThinkDiffPipeline.from_config(out / "thinkdiff.yaml", [
+        "decoder.num_inference_steps=2", f"vlm.model={ship / 'vlm'}", f"aligner.path={ship / 'aligner'}",
+        f"decoder.model={ship / 'decoder'}"])
+    assert next(shipped.aligner.parameters()).dtype == torch.float32
+    assert shipped(q.prompt(), images=images, seed=0, progress=False).text == result.text
     before = (out / "summary.json").read_text()
     assert main(["train-mini", str(out), "--quick"]) == 0 and (out / "summary.json").read_text() == before
 

@@ -120,6 +120,9 @@ def test_real_weight_configs_parse():
     assert "Llama-3.2" in data["vlm"]["model"] and from_dict(CobsatEvalConfig, data).vlm.system is None
 
 
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
 def run_infer(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], cwd=cwd, env=env,
@@ -128,7 +131,8 @@ def run_infer(*args, cwd):
 
 def test_infer_writes_png_and_sidecar(tmp_path, image):
     image.save(tmp_path / "in.png")
-    result = run_infer("--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o" / "x.png"), "--seed", "3",
+    result = run_infer("--config", TINY, "--prompt", "What is in <image>?", "--image", str(tmp_path / "in.png"),
+                       "--out", str(tmp_path / "o" / "x.png"), "--seed", "3",
                        "--steps", "2", "--height", "64", "--width", "48", "vlm.max_new_tokens=3",
                        "vlm.min_new_tokens=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -146,9 +150,12 @@ def test_infer_writes_png_and_sidecar(tmp_path, image):
 
 
 def test_infer_reports_bad_input(tmp_path):
-    result = run_infer("--image", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    result = run_infer("--config", TINY, "--prompt", "<image>", "--image", str(tmp_path / "nope.png"), "--out",
+                       str(tmp_path / "x.png"), cwd=tmp_path)
     assert result.returncode == 2
     assert "nope.png not found" in result.stderr
+    result = run_infer("--image", str(tmp_path / "nope.png"), cwd=tmp_path)
+    assert result.returncode == 2 and "--image needs a --prompt" in result.stderr
     assert not (tmp_path / "x.png").exists()
     result = run_infer("--out", str(tmp_path / "x.png"), "decoder.colour=red", cwd=tmp_path)
     assert result.returncode == 2 and "unknown key 'decoder.colour'" in result.stderr
@@ -170,10 +177,11 @@ def test_every_decoder_family_runs_with_its_defaults(family, tmp_path, monkeypat
     infer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(infer)
     out = tmp_path / "x.png"
-    assert infer.main(["--out", str(out), "--steps", "2", "--height", "64", "--width", "64", "vlm.max_new_tokens=3",
+    assert infer.main(["--config", TINY, "--out", str(out), "--steps", "2", "--height", "64", "--width", "64",
+                       "vlm.max_new_tokens=3",
                        "vlm.min_new_tokens=3", f"decoder.family={family}", f"decoder.model={model}"]) == 0
     with Image.open(out) as im:
         assert im.size == (64, 64)
     with pytest.raises(ValueError, match="decoder.pooled='empty_prompt' does not apply to"):
-        infer.main(["--out", str(out), f"decoder.family={family}", f"decoder.model={model}",
+        infer.main(["--config", TINY, "--out", str(out), f"decoder.family={family}", f"decoder.model={model}",
                     "decoder.pooled=empty_prompt"])

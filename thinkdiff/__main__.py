@@ -56,10 +56,12 @@ def cmd_train_mini(args) -> int:
     from .mini.recipe import train_mini
 
     summary = train_mini(args.out_dir, quick=args.quick, seed=args.seed)
+    ship = summary.pop("ship")
     for name, row in summary.items():
         print(f"{name:8s} {row['steps']:5d} steps  loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}  "
               f"{row['seconds']:.0f} s")
     print(f"Wrote {args.out_dir}; draw with: python infer.py --config {args.out_dir}/thinkdiff.yaml")
+    print(f"Wrote {args.out_dir}/ship ({ship['bytes'] / 2**20:.1f} MiB in float16, the layout of assets/mini)")
     return 0
 
 

@@ -25,6 +25,7 @@ from .errors import InputError, MissingFileError
 from .memory_plan import plan_memory
 from .rng import generator
 from .vlm import HiddenStateEngine, HiddenStates, SamplingConfig, VLMRequest, make_engine, sampling_from
+from .weights import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ThinkDiffPipeline:
         engine = make_engine(vlm_config)
         decoder = load_decoder(config.decoder)
         if config.aligner.path:
-            aligner = Aligner.from_pretrained(config.aligner.path)
+            aligner = Aligner.from_pretrained(resolve_model(config.aligner.path, "aligner.path"))
         else:
             logger.warning("No aligner.path given: using a randomly initialised (untrained) aligner.")
             aligner = Aligner(AlignerConfig(input_dim=engine.hidden_size, output_dim=decoder.conditioning_dim,

@@ -1,4 +1,5 @@
-"""Where model weights come from: a local folder, the local Hugging Face cache, or a tiny model built offline.
+"""Where model weights come from: a local folder, the local Hugging Face cache, a tiny model built offline, or the
+trained miniature shipped in assets/mini.
 
 Nothing is downloaded at run time. When weights are missing the error says what to download and where to point.
 """
@@ -9,16 +10,26 @@ from pathlib import Path
 
 from .errors import MissingWeightsError
 
-__all__ = ["MissingWeightsError", "resolve_model"]
+__all__ = ["MINI_ASSETS", "MissingWeightsError", "resolve_model"]
+
+MINI_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "mini"
 
 
 def resolve_model(ref: str, config_key: str = "model", hint: str = "") -> Path:
-    """`ref` -> a local folder. `ref` is `tiny:KIND`, a folder, or a Hugging Face repo id in the local cache.
+    """`ref` -> a local folder. `ref` is `tiny:KIND`, `mini:PART` (assets/mini/PART), a folder, or a Hugging Face
+    repo id in the local cache.
     `hint`: extra `hf download` arguments for the error message (e.g. `--include` patterns of what is loaded)."""
     if ref.startswith("tiny:"):
         from .testing.tiny_models import tiny_path  # test models, built on first use
 
         return tiny_path(ref.split(":", 1)[1])
+    if ref.startswith("mini:"):
+        path = MINI_ASSETS / ref.split(":", 1)[1]
+        if not path.is_dir():
+            raise MissingWeightsError(f"{config_key}={ref!r}: {path} is missing. It ships with the repository; "
+                                      f"rebuild it with `python -m thinkdiff train-mini OUT_DIR` and copy OUT_DIR/ship "
+                                      f"to {MINI_ASSETS}.")
+        return path
     path = Path(ref).expanduser()
     if path.is_dir():
         return path

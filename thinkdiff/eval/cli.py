@@ -1,4 +1,5 @@
-"""`python -m thinkdiff eval-cobsat` and `make-mini-cobsat`: `add_parsers(subparsers)` registers both."""
+"""`python -m thinkdiff eval-cobsat`, `cobsat-agreement` and `make-mini-cobsat`: `add_parsers(subparsers)` registers
+them."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def cmd_eval_cobsat(args) -> int:
     return 0
 
 
+def cmd_cobsat_agreement(args) -> int:
+    from .agreement import judge_agreement
+
+    a = judge_agreement(args.run_a, args.run_b)
+    print(f"{a['samples']} samples, judges {a['judge_a']} / {a['judge_b']}: same option on {a['answers_agree']:.3f} "
+          f"of the questions, same verdict on {a['correct_agree']:.3f} of the samples; accuracy "
+          f"{a['accuracy_a']:.3f} / {a['accuracy_b']:.3f}")
+    return 0
+
+
 def cmd_make_mini_cobsat(args) -> int:
     from .mini_cobsat import write_mini_cobsat
 
@@ -70,6 +81,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder (re-use it to resume)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_eval_cobsat)
+
+    p = subparsers.add_parser(
+        "cobsat-agreement", help="how often two eval-cobsat runs' judges agree on the same images",
+        description="RUN_B judged RUN_A's images with another judge (copy RUN_A/results into RUN_B, then run "
+                    "eval-cobsat with --out RUN_B and the other --judge).")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.set_defaults(func=cmd_cobsat_agreement)
 
     p = subparsers.add_parser("make-mini-cobsat", help="draw a synthetic mini-CoBSAT offline (tests, demos)",
                               description="Writes OUT_DIR/datasets/ with CoBSAT's themes, labels and file names "

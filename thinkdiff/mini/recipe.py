@@ -6,7 +6,9 @@
     captions/  jittered drawings + captions: the aligner's training data (ThinkDiff's first stage)
     aligner_features/  vlm/'s answers and generated-token states for every caption example (the feature cache)
     aligner_run/       train.py's alignment run: the t5_decoder objective on those states, t5/ frozen
+    judge/      the CNN judge (jittered drawings, its own seed): eval-cobsat's second judge
     thinkdiff.yaml   the pipeline config (vlm/, aligner/, decoder/); `python infer.py --config OUT_DIR/thinkdiff.yaml`
+    ship/            float16 copies laid out as assets/mini (configs/mini.yaml reads them as mini:vlm, ...)
     losses/STAGE.txt one loss per step
 
 A finished stage is skipped when the command runs again. `--quick` runs every stage for a few steps (CI).
@@ -30,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 SCALES = {
     "full": dict(t5_steps=1500, vae_steps=1200, pool_copies=8, decoder_steps=4500, vlm_steps=2500,
-                 caption_copies=4, aligner_steps=1500, aligner_batch=32, vlm_batch=16, decoder_batch=32),
+                 caption_copies=4, aligner_steps=1500, aligner_batch=32, vlm_batch=16, decoder_batch=32,
+                 judge_steps=800),
     "quick": dict(t5_steps=40, vae_steps=20, pool_copies=1, decoder_steps=12, vlm_steps=12, caption_copies=1,
-                  aligner_steps=16, aligner_batch=8, vlm_batch=8, decoder_batch=16),
+                  aligner_steps=16, aligner_batch=8, vlm_batch=8, decoder_batch=16, judge_steps=10),
 }
 
 
@@ -52,6 +55,8 @@ def write_captions(out_dir: Path, copies: int, seed: int = 0) -> Path:
 def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Train every part into `out_dir`; returns per stage its seconds and first and last losses."""
     from .decoder import drawing_pool, train_decoder, train_vae
+    from .judge import train_judge
+    from .ship import ship, size_bytes
     from .t5 import train_t5
     from .vlm import train_vlm
 
@@ -116,10 +121,16 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
         return losses
 
     stage("aligner", aligner)
+    stage("judge", lambda: train_judge(out / "judge", steps=s["judge_steps"], seed=seed, progress=progress)[1])
     config = {"vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
               "aligner": {"path": str(out / "aligner_run" / "aligner")},
               "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
                           "num_inference_steps": 25, "guidance_scale": 3.0},
               "seed": 42}
     (out / "thinkdiff.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if "ship" not in summary:
+        start = time.perf_counter()
+        ship(out, out / "ship")
+        summary["ship"] = {"seconds": time.perf_counter() - start, "bytes": size_bytes(out / "ship")}
+        summary_path.write_text(json.dumps(summary, indent=1))
     return summary
