@@ -155,6 +155,11 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
         row = summary[name]
         assert row["loss_last"] < row["loss_first"], (name, row)
         assert len((out / "losses" / f"{name}.txt").read_text().split()) == row["steps"]
+    from thinkdiff.config import load_training_config
+
+    align = load_training_config(out / "align_mini.yaml")  # the aligner stage as a train.py config
+    assert (align.objective.name, align.embed, align.train.output_dir) == ("t5_decoder", "output",
+                                                                           str(out / "aligner_run"))
     pipe = ThinkDiffPipeline.from_config(out / "thinkdiff.yaml", ["decoder.num_inference_steps=2"])
     q = training_sequences(1, seed=11)[0]
     from thinkdiff.eval.cobsat import TASKS

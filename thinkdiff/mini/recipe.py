@@ -6,6 +6,7 @@
     captions/  jittered drawings + captions: the aligner's training data (ThinkDiff's first stage)
     aligner_features/  vlm/'s answers and generated-token states for every caption example (the feature cache)
     aligner_run/       train.py's alignment run: the t5_decoder objective on those states, t5/ frozen
+    align_mini.yaml    that run's config (`python train.py --config OUT_DIR/align_mini.yaml` repeats it)
     judge/      the CNN judge (jittered drawings, its own seed): eval-cobsat's second judge
     thinkdiff.yaml   the pipeline config (vlm/, aligner/, decoder/); `python infer.py --config OUT_DIR/thinkdiff.yaml`
     ship/            float16 copies laid out as assets/mini (configs/mini.yaml reads them as mini:vlm, ...)
@@ -25,7 +26,7 @@ import numpy as np
 import yaml
 
 from ..atomic import atomic_dir
-from ..config import THINKDIFF_PROMPTS, AlignTrainConfig, from_dict
+from ..config import THINKDIFF_PROMPTS, AlignTrainConfig, from_dict, to_dict
 from .world import caption, drawings, jittered
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,23 @@ def write_captions(out_dir: Path, copies: int, seed: int = 0) -> Path:
                 jittered(*d, rng).save(stem.with_suffix(".png"))
                 stem.with_suffix(".txt").write_text(caption(*d))
     return out_dir
+
+
+def aligner_config(out: Path, steps: int, batch_size: int, seed: int = 0) -> AlignTrainConfig:
+    """ThinkDiff's alignment stage on the miniature: the t5_decoder objective on the VLM's generated-token states
+    (final norm), T5 frozen, over the captions folder, through a feature cache. Written to OUT/align_mini.yaml, so
+    its ablations are train.py overrides (`embed=input train.cache=...`, `objective.norm_init=ones`)."""
+    return from_dict(AlignTrainConfig, {
+        "vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
+        "layer": -1, "embed": "output",
+        "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
+                    "num_inference_steps": 25, "guidance_scale": 3.0},
+        "objective": {"name": "t5_decoder", "t5_model": str(out / "t5")},
+        "data": {"source": str(out / "captions"), "prompts": list(THINKDIFF_PROMPTS)},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, steps // 20)},
+        "train": {"output_dir": str(out / "aligner_run"), "max_steps": steps, "batch_size": batch_size,
+                  "checkpoint_every": 0, "log_every": 10, "seed": seed, "overwrite": True,
+                  "cache": str(out / "aligner_features"), "cache_dtype": "float32"}})
 
 
 def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
@@ -101,24 +119,14 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
 
         if not (out / "captions").is_dir():
             write_captions(out / "captions", s["caption_copies"], seed)
-        cfg = from_dict(AlignTrainConfig, {
-            "vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
-            "layer": -1, "embed": "output",
-            "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
-                        "num_inference_steps": 25, "guidance_scale": 3.0},
-            "objective": {"name": "t5_decoder", "t5_model": str(out / "t5")},
-            "data": {"source": str(out / "captions"), "prompts": list(THINKDIFF_PROMPTS)},
-            "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, s["aligner_steps"] // 20)},
-            "train": {"output_dir": str(out / "aligner_run"), "max_steps": s["aligner_steps"],
-                      "batch_size": s["aligner_batch"], "checkpoint_every": 0, "log_every": 10, "seed": seed,
-                      "overwrite": True, "cache": str(out / "aligner_features"), "cache_dtype": "float32"}})
-        # The VLM's answers and states once per caption example (the feature cache), then the aligner's steps.
+        cfg = aligner_config(out, s["aligner_steps"], s["aligner_batch"], seed)
+        (out / "align_mini.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        # = `python -m thinkdiff cache --config OUT/align_mini.yaml`, then `python train.py --config` the same file
         dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=cfg.train.seed)
         write_cache(make_engine(cfg.vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
                     vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype)
         train_aligner(cfg)
-        losses = [float(x) for x in (out / "aligner_run" / "losses.txt").read_text().split()]
-        return losses
+        return [float(x) for x in (out / "aligner_run" / "losses.txt").read_text().split()]
 
     stage("aligner", aligner)
     stage("judge", lambda: train_judge(out / "judge", steps=s["judge_steps"], seed=seed, progress=progress)[1])
