@@ -27,7 +27,7 @@ from .world import Captioning, captioning_examples, jittered, training_sequences
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_0|>"]
 END_IDS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
-TILE, PATCH = 56, 8  # a 64-px drawing is one 56-px tile (of 4, as Mllama needs), 8-px patches: 49 + 1 tokens
+TILE, PATCH = 56, 14  # a 64-px drawing is one 56-px tile (of 4, as Mllama needs), 14-px patches: 16 + 1 tokens
 
 
 def mini_tokenizer():
