@@ -1,8 +1,8 @@
 """Generate images with ThinkDiff: the VLM thinks about the prompt (and images), the decoder draws.
 
-    python infer.py                                   # the trained miniature on a 2-shot CoBSAT prompt
+    python infer.py                                   # tiny offline default on a 2-shot CoBSAT prompt
     python infer.py --config configs/llama32_vision_flux.yaml --prompt "..." --image a.png --image b.png
-    python infer.py --config configs/tiny.yaml        # the tiny random models the tests use
+    python infer.py --config configs/mini.yaml        # the trained miniature (assets/mini, once shipped)
     python infer.py decoder.num_inference_steps=4 vlm.max_new_tokens=8    # any config key, key.sub=value
 """
 
@@ -29,8 +29,8 @@ DEFAULT_PROMPT = ("I give you several words and pictures. First, please analyse 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "mini.yaml"),
-                        help="YAML config (default: the trained miniature in assets/mini)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"),
+                        help="YAML config (default: the embedded tiny offline config)")
     parser.add_argument("--prompt", default=None,
                         help="instruction for the VLM; <image> places images (default: a 2-shot CoBSAT prompt with "
                              "assets/examples/blue_car.png and brown_car.png)")
