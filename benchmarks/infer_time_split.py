@@ -1,4 +1,5 @@
-"""Time split of `python infer.py` on configs/tiny.yaml (the tiny random models): VLM, aligner, decoder as fractions of the total.
+"""Time split of `python infer.py` on configs/tiny.yaml (the tiny random models): VLM, aligner, decoder as fractions
+of the total.
 
     .venv/bin/python benchmarks/infer_time_split.py [--runs 5] [key.sub=value ...]
 
