@@ -174,9 +174,13 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
 
     ship = out / "ship"
     assert sorted(p.name for p in ship.iterdir()) == ["aligner", "decoder", "judge", "vlm"]
+    from transformers import T5EncoderModel
+
+    keep = tuple(T5EncoderModel._keep_in_fp32_modules)  # transformers keeps T5's "wo" in float32 (fp16 overflow)
     for path in ship.rglob("*.safetensors"):
         with safe_open(path, "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, path
+            dtypes = {f.get_tensor(k).dtype for k in f.keys() if not any(f".{m}." in k for m in keep)}
+            assert dtypes == {torch.float16}, path
     shipped = ThinkDiffPipeline.from_config(out / "thinkdiff.yaml", [
         "decoder.num_inference_steps=2", f"vlm.model={ship / 'vlm'}", f"aligner.path={ship / 'aligner'}",
         f"decoder.model={ship / 'decoder'}"])
