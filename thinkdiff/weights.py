@@ -26,9 +26,9 @@ def resolve_model(ref: str, config_key: str = "model", hint: str = "") -> Path:
     if ref.startswith("mini:"):
         path = MINI_ASSETS / ref.split(":", 1)[1]
         if not path.is_dir():
-            raise MissingWeightsError(f"{config_key}={ref!r}: {path} is missing. It ships with the repository; "
-                                      f"rebuild it with `python -m thinkdiff train-mini OUT_DIR` and copy OUT_DIR/ship "
-                                      f"to {MINI_ASSETS}.")
+            raise MissingWeightsError(f"{config_key}={ref!r}: {path} is missing. Build the miniature with "
+                                      f"`python -m thinkdiff train-mini OUT_DIR` and copy OUT_DIR/ship to "
+                                      f"{MINI_ASSETS}.")
         return path
     path = Path(ref).expanduser()
     if path.is_dir():
