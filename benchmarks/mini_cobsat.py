@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = [1, 3, 5, 7, 9, 2, 4, 6, 8, 10]  # the paper's order: C-I B-I S-I A-I T-I C-II B-II S-II A-II T-II
 
 
 def evaluate(out: Path, method: str, judge: str, n: int, overrides: list[str], images_from: Path | None = None):
@@ -34,8 +33,10 @@ def evaluate(out: Path, method: str, judge: str, n: int, overrides: list[str], i
 
 
 def row(name: str, summary: dict, shot: int) -> str:
+    from thinkdiff.eval.summary import PAPER_COLUMNS
+
     tasks = summary["shots"][shot]["tasks"]
-    cells = [f"{tasks[t]['overall']:.3f}" for t in COLUMNS]
+    cells = [f"{tasks[t]['overall']:.3f}" for t in PAPER_COLUMNS]
     return f"| {name} | " + " | ".join(cells) + f" | **{summary['shots'][shot]['mean']['overall']:.3f}** |"
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from thinkdiff.eval.agreement import judge_agreement
     from thinkdiff.eval.mini_cobsat import write_mini_cobsat
-    from thinkdiff.eval.summary import PUBLISHED
+    from thinkdiff.eval.summary import PAPER_COLUMNS, PUBLISHED, SHORT_NAMES
 
     out = Path(args.out)
     if not (out / "data").is_dir():
@@ -64,10 +65,11 @@ def main() -> None:
             lines[shot] += [row(f"{name}, oracle judge", by_oracle, shot), row(f"{name}, CNN judge", by_cnn, shot)]
         a = judge_agreement(out / name, out / f"{name}-cnn")
         agreement.append(f"| {name} | {a['samples']} | {a['answers_agree']:.3f} | {a['correct_agree']:.3f} |")
-    head = "| | C-I | B-I | S-I | A-I | T-I | C-II | B-II | S-II | A-II | T-II | mean |\n|---" + "|---" * 11 + "|"
+    head = ("| | " + " | ".join(SHORT_NAMES[t] for t in PAPER_COLUMNS) + " | mean |\n|---"
+            + "|---" * (len(PAPER_COLUMNS) + 1) + "|")
     text = []
     for shot in (2, 4):
-        v = PUBLISHED[shot]["ThinkDiff-LVLM"]  # already in the paper's column order
+        v = PUBLISHED[shot]["ThinkDiff-LVLM"]  # in PAPER_COLUMNS order
         published = [f"| ThinkDiff-LVLM (published, Table {1 if shot == 2 else 2}) | "
                      + " | ".join(f"{x:.3f}" for x in v) + f" | {sum(v) / 10:.3f} |"]
         text += [f"{shot}-shot, n = {args.n} per task", "", head, *lines[shot], *published, ""]

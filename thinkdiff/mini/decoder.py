@@ -110,8 +110,8 @@ def build_pipeline(vae, t5_dir: str | Path, seed: int = 0):
 @torch.no_grad()
 def encode_pool(decoder, pixels: torch.Tensor, seed: int = 0, chunk: int = 64) -> torch.Tensor:
     """Latents [N, 4, 16, 16] of every pool image, as the UNet sees them (one posterior sample each)."""
-    return torch.cat([decoder.encode_latents(pixels[i:i + chunk], [generator(seed, i + j) for j in
-                                                                   range(len(pixels[i:i + chunk]))])
+    return torch.cat([decoder.encode_latents(pixels[i:i + chunk], [generator(seed, j) for j in
+                                                                   range(i, min(i + chunk, len(pixels)))])
                       for i in range(0, len(pixels), chunk)])
 
 

@@ -53,15 +53,19 @@ def write_captions(out_dir: Path, copies: int, seed: int = 0) -> Path:
     return out_dir
 
 
+def pipeline_sections(out: Path) -> dict:
+    """The `vlm` and `decoder` config sections of the trained miniature in `out` (thinkdiff.yaml, align_mini.yaml)."""
+    return {"vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
+            "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
+                        "num_inference_steps": 25, "guidance_scale": 3.0}}
+
+
 def aligner_config(out: Path, steps: int, batch_size: int, seed: int = 0) -> AlignTrainConfig:
     """ThinkDiff's alignment stage on the miniature: the t5_decoder objective on the VLM's generated-token states
     (final norm), T5 frozen, over the captions folder, through a feature cache. Written to OUT/align_mini.yaml, so
     its ablations are train.py overrides (`embed=input train.cache=...`, `objective.norm_init=ones`)."""
     return from_dict(AlignTrainConfig, {
-        "vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
-        "layer": -1, "embed": "output",
-        "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
-                    "num_inference_steps": 25, "guidance_scale": 3.0},
+        **pipeline_sections(out), "layer": -1, "embed": "output",
         "objective": {"name": "t5_decoder", "t5_model": str(out / "t5")},
         "data": {"source": str(out / "captions"), "prompts": list(THINKDIFF_PROMPTS)},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, steps // 20)},
@@ -130,11 +134,9 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
 
     stage("aligner", aligner)
     stage("judge", lambda: train_judge(out / "judge", steps=s["judge_steps"], seed=seed, progress=progress)[1])
-    config = {"vlm": {"model": str(out / "vlm"), "max_new_tokens": 16},
-              "aligner": {"path": str(out / "aligner_run" / "aligner")},
-              "decoder": {"family": "sd15", "model": str(out / "decoder"), "height": 64, "width": 64,
-                          "num_inference_steps": 25, "guidance_scale": 3.0},
-              "seed": 42}
+    sections = pipeline_sections(out)
+    config = {"vlm": sections["vlm"], "aligner": {"path": str(out / "aligner_run" / "aligner")},
+              "decoder": sections["decoder"], "seed": 42}
     (out / "thinkdiff.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if "ship" not in summary:
         start = time.perf_counter()

@@ -15,8 +15,6 @@ import torch
 
 from ..atomic import atomic_dir
 
-PARTS = ("vlm", "aligner", "decoder", "judge")
-
 
 def ship(out_dir: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write float16 copies of train-mini's outputs in `out_dir` to `dest` (replaced as a whole)."""
