@@ -59,6 +59,27 @@ def test_span_corruption_hides_words_behind_sentinels():
     assert 0 < len(hidden) <= 6 and target[0] == source[source.index(target[0])] == 1000
 
 
+def test_t5_training_examples_cover_three_tasks_and_truncation_reads_a_prefix_of_the_whole_text():
+    import random
+
+    from thinkdiff.mini.t5 import training_example
+
+    ids, sentinels, rng = list(range(10, 18)), [1000, 1001, 1002, 1003], random.Random(0)
+    kinds = set()
+    for _ in range(300):
+        source, target, k = training_example(ids, rng, sentinels)
+        if any(t in sentinels for t in source):
+            kinds.add("span")
+            assert k == len(source) + 1  # the decoder reads every state, </s> included
+        elif source == ids:
+            kinds.add("truncated")
+            assert 1 <= k <= len(ids) and target == ids[k:]  # reads states 0..k-1 of the whole text, writes the rest
+        else:
+            kinds.add("prefix")
+            assert source + target == ids and k == len(source) + 1
+    assert kinds == {"span", "truncated", "prefix"}
+
+
 def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
     from transformers import AutoTokenizer
 
@@ -95,13 +116,15 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
     assert np.mean(losses[-6:]) < np.mean(losses[:3])
     decoder = load_decoder(DecoderConfig(family="sd15", model=str(out)))
     assert decoder.conditioning_dim == 128
-    states = t5_states(t5, ["a green car"])[0]
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    states = t5_states(T5EncoderModel.from_pretrained(str(t5)), AutoTokenizer.from_pretrained(str(t5)),
+                       ["a green car"])[0]
     image = decoder.generate(decoder.make_conditioning(states[None]), height=64, width=64, num_inference_steps=2,
                              progress=False)[0]
     assert image.size == (64, 64)
     # The pipeline's own text path (the text-bridge) is the T5 encoder over the caption, </s> and padding to 16.
     from diffusers import StableDiffusionPipeline
-    from transformers import AutoTokenizer, T5EncoderModel
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     assert isinstance(pipe.text_encoder, T5EncoderModel)

@@ -2,9 +2,12 @@
 ThinkDiff's flan-t5-xxl. Its encoder states are the decoder's text conditioning (ThinkDiff's FLUX reads T5 encoder
 states); its frozen decoder is the aligner's training signal (the `t5_decoder` objective).
 
-Training mixes T5's span corruption (sentinels replace ~30% of the words; the decoder writes the missing spans) with
-prefix completion (the encoder reads the first k words, the decoder writes the rest), which is what the
-`t5_decoder` objective asks of the decoder. Word-level vocabulary: every word the world's captions and answers use.
+Training mixes three tasks in equal parts: T5's span corruption (sentinels replace ~30% of the words; the decoder
+writes the missing spans); prefix completion (the encoder reads the first k words, the decoder writes the rest); and
+truncated completion (the encoder reads the whole text, the decoder cross-attends to its first k states only and
+writes words k..). The last is the `t5_decoder` objective's task with real encoder states in the aligner's place:
+the first k states of a whole text are a solution the decoder already reads, in the encoder's own space.
+Word-level vocabulary: every word the world's captions and answers use.
 """
 
 from __future__ import annotations
@@ -64,6 +67,21 @@ def prefix_completion(ids: list[int], rng: random.Random) -> tuple[list[int], li
     return ids[:k], ids[k:]
 
 
+def training_example(ids: list[int], rng: random.Random, sentinel_ids: list[int]) -> tuple[list[int], list[int], int]:
+    """One of the three tasks, equally likely: (encoder input, decoder target, how many encoder states the decoder
+    reads). Truncated completion keeps the whole text as input and lets the decoder read k of its n + 1 states
+    (1 <= k <= n, the text's words and </s>), so the target is words k.. and </s>."""
+    task = rng.randrange(3)
+    if task == 0:
+        source, target = span_corruption(ids, rng, sentinel_ids)
+    elif task == 1:
+        source, target = prefix_completion(ids, rng)
+    else:
+        k = rng.randint(1, len(ids))
+        return ids, ids[k:], k
+    return source, target, len(source) + 1
+
+
 def build_t5(tokenizer, d_model: int = 128, layers: int = 2, heads: int = 4, d_ff: int = 256, seed: int = 0):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -91,11 +109,12 @@ def train_t5(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     losses = []
     for _ in tqdm(range(steps), desc="mini T5", disable=not progress):
         picks = torch.randint(len(texts), (batch_size,), generator=order).tolist()
-        pairs = [span_corruption(texts[i], rng, sentinels) if rng.random() < 0.5 else prefix_completion(texts[i], rng)
-                 for i in picks]
-        source = _pad([s + [tok.eos_token_id] for s, _ in pairs], tok.pad_token_id)
-        target = _pad([t + [tok.eos_token_id] for _, t in pairs], -100)
-        loss = model(input_ids=source, attention_mask=(source != tok.pad_token_id).long(), labels=target).loss
+        examples = [training_example(texts[i], rng, sentinels) for i in picks]
+        source = _pad([s + [tok.eos_token_id] for s, _, _ in examples], tok.pad_token_id)
+        target = _pad([t + [tok.eos_token_id] for _, t, _ in examples], -100)
+        states = model.encoder(input_ids=source, attention_mask=(source != tok.pad_token_id).long()).last_hidden_state
+        read = (torch.arange(source.shape[1]) < torch.tensor([k for _, _, k in examples])[:, None]).long()
+        loss = model(encoder_outputs=(states,), attention_mask=read, labels=target).loss
         losses.append(optim.step(loss))
     out_dir = Path(out_dir)
     model.eval().save_pretrained(out_dir)
@@ -110,4 +129,5 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-__all__ = ["SENTINELS", "build_t5", "prefix_completion", "span_corruption", "train_t5", "world_tokenizer"]
+__all__ = ["SENTINELS", "build_t5", "prefix_completion", "span_corruption", "train_t5", "training_example",
+           "world_tokenizer"]
