@@ -105,6 +105,15 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "nothing"), "decoder.model")
 
 
+def test_a_missing_run_folder_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    """`runs/aligner` (one slash, like a repo id) where `runs/` exists: the folder is missing, no download advice."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(MissingWeightsError, match="no such folder") as err:
+        resolve_model("runs/aligner", "aligner.path")
+    assert str(tmp_path / "runs" / "aligner") in str(err.value) and "hf download" not in str(err.value)
+
+
 def test_real_weight_configs_parse():
     for name in ("llama32_vision_flux.yaml", "qwen2vl_flux.yaml"):
         config = load_config(InferenceConfig, ROOT / "configs" / name)

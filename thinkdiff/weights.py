@@ -33,8 +33,9 @@ def resolve_model(ref: str, config_key: str = "model", hint: str = "") -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
-    if path.is_absolute() or ref.startswith(".") or ref.count("/") != 1:
-        raise MissingWeightsError(f"{config_key}={ref!r}: no such folder.")
+    if path.is_absolute() or ref.startswith(".") or ref.count("/") != 1 or path.parent.is_dir():
+        # `runs/aligner` with a `runs/` here is a folder that is missing, not a Hugging Face repo id
+        raise MissingWeightsError(f"{config_key}={ref!r}: no such folder ({path.resolve()}).")
     from huggingface_hub import snapshot_download
 
     try:
