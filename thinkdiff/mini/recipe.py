@@ -32,7 +32,7 @@ from .world import caption, drawings, jittered
 logger = logging.getLogger(__name__)
 
 SCALES = {
-    "full": dict(t5_steps=1500, vae_steps=1200, pool_copies=8, decoder_steps=6000, vlm_steps=2500,
+    "full": dict(t5_steps=1500, vae_steps=1200, pool_copies=8, decoder_steps=3000, vlm_steps=2500,
                  caption_copies=4, aligner_steps=1500, aligner_batch=32, vlm_batch=16, decoder_batch=32,
                  judge_steps=800),
     "quick": dict(t5_steps=40, vae_steps=20, pool_copies=1, decoder_steps=12, vlm_steps=12, caption_copies=1,
