@@ -196,7 +196,7 @@ def test_train_mini_quick_runs_every_stage_and_the_pipeline_draws(tmp_path):
     from safetensors import safe_open
 
     ship = out / "ship"
-    assert sorted(p.name for p in ship.iterdir()) == ["aligner", "decoder", "judge", "vlm"]
+    assert sorted(p.name for p in ship.iterdir()) == ["aligner", "decoder", "judge", "t5", "vlm"]
     from transformers import T5EncoderModel
 
     keep = tuple(T5EncoderModel._keep_in_fp32_modules)  # transformers keeps T5's "wo" in float32 (fp16 overflow)
@@ -233,3 +233,26 @@ def test_cnn_judge_learns_the_drawings_and_answers_cobsat_questions(tmp_path):
             right += parse_option(judge.ask(image, qs["detail"])) == ITEM_DICT[d_space].index(detail) + 1
     assert right >= 10  # of 30 details (chance: 3)
     assert judge.ask_many(pairs)[:2] == [judge.ask(*pairs[0]), judge.ask(*pairs[1])]
+
+
+def test_align_mini_config_is_the_recipes_aligner_stage():
+    """configs/align_mini.yaml (the stage on the shipped weights) keeps every setting of train-mini's aligner stage;
+    only the paths differ."""
+    from pathlib import Path
+
+    from thinkdiff.config import load_training_config, to_dict
+    from thinkdiff.mini.recipe import SCALES, aligner_config
+
+    s = SCALES["full"]
+    recipe = to_dict(aligner_config(Path("OUT"), s["aligner_steps"], s["aligner_batch"]))
+    shipped = to_dict(load_training_config(Path(__file__).resolve().parents[1] / "configs" / "align_mini.yaml"))
+    paths = {("vlm", "model"), ("decoder", "model"), ("objective", "t5_model"), ("data", "source"),
+             ("train", "output_dir"), ("train", "cache"), ("train", "overwrite")}
+    for section, values in recipe.items():
+        if not isinstance(values, dict):
+            assert shipped[section] == values, section
+            continue
+        for key, value in values.items():
+            if (section, key) not in paths:
+                assert shipped[section][key] == value, (section, key)
+    assert shipped["objective"]["t5_model"] == "mini:t5" and shipped["vlm"]["model"] == "mini:vlm"

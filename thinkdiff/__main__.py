@@ -1,11 +1,12 @@
 """`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve,
-eval-cobsat, make-mini-cobsat, convert-thinkdiff."""
+eval-cobsat, make-mini-cobsat, convert-thinkdiff, train-mini, make-mini-captions."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import ConfigError
 from .user_errors import exit_status
@@ -62,6 +63,13 @@ def cmd_train_mini(args) -> int:
               f"{row['seconds']:.0f} s")
     print(f"Wrote {args.out_dir}; draw with: python infer.py --config {args.out_dir}/thinkdiff.yaml")
     print(f"Wrote {args.out_dir}/ship ({ship['bytes'] / 2**20:.1f} MiB in float16, the layout of assets/mini)")
+    return 0
+
+
+def cmd_make_mini_captions(args) -> int:
+    from .mini.recipe import write_captions
+
+    print(write_captions(Path(args.out_dir), args.copies, seed=args.seed))
     return 0
 
 
@@ -150,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks that everything runs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_mini)
+
+    p = sub.add_parser("make-mini-captions", help="the miniature's aligner data: jittered drawings + captions "
+                                                  "(train-mini's captions/ stage; configs/align_mini.yaml reads it)")
+    p.add_argument("out_dir")
+    p.add_argument("--copies", type=int, default=4, help="jittered copies of each of the 500 drawings")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_mini_captions)
 
     p = sub.add_parser("make-toy-data", help="draw a small image-caption folder with PIL (coloured shapes)")
     p.add_argument("out_dir")

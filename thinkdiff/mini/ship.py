@@ -1,8 +1,10 @@
 """The trained miniature as it ships in assets/mini: every part in float16 safetensors (loaders upcast to float32 on
-CPU), the T5 only as the decoder's own text encoder (its decoder half served alignment training only).
+CPU).
 
     vlm/       Mllama + processor          aligner/   Aligner.save_pretrained
     decoder/   StableDiffusionPipeline (VAE, UNet, T5 encoder + tokenizer, DDIM scheduler)
+    t5/        the whole T5 (encoder and decoder): the `t5_decoder` objective's model, so the alignment stage and its
+               ablations train again from these files alone (configs/align_mini.yaml)
     judge/     the CNN judge
 """
 
@@ -20,12 +22,14 @@ def ship(out_dir: str | Path, dest: str | Path, dtype: torch.dtype = torch.float
     """Write float16 copies of train-mini's outputs in `out_dir` to `dest` (replaced as a whole)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
+    from transformers import AutoProcessor, AutoTokenizer, MllamaForConditionalGeneration, T5ForConditionalGeneration
 
     out = Path(out_dir)
     with atomic_dir(Path(dest)) as tmp:
         MllamaForConditionalGeneration.from_pretrained(str(out / "vlm"), dtype=dtype).save_pretrained(tmp / "vlm")
         AutoProcessor.from_pretrained(str(out / "vlm")).save_pretrained(tmp / "vlm")
+        T5ForConditionalGeneration.from_pretrained(str(out / "t5"), dtype=dtype).save_pretrained(tmp / "t5")
+        AutoTokenizer.from_pretrained(str(out / "t5")).save_pretrained(tmp / "t5")
         StableDiffusionPipeline.from_pretrained(str(out / "decoder"), dtype=dtype, safety_checker=None,
                                                 feature_extractor=None).save_pretrained(tmp / "decoder")
         for part, source in (("aligner", out / "aligner_run" / "aligner"), ("judge", out / "judge")):
