@@ -1,12 +1,14 @@
 """ThinkDiff's ablations in miniature (paper Table 3 and Fig. 7), as `train.py` overrides of its alignment stage on the
 shipped miniature (configs/align_mini.yaml, or a train-mini folder's OUT_DIR/align_mini.yaml):
 
-    generated   the recipe: generated-token states, RMSNorm initialised from the T5 encoder's final norm
+    generated   the recipe: generated-token states, RMSNorm initialised from the T5 encoder's final norm (the config's
+                own run folder and cache, so `train.py --config configs/align_mini.yaml` done first is reused)
     input       prompt-token states (`embed=input`, its own feature cache)          -- paper Table 3, "input tokens"
     norm-ones   RMSNorm initialised to ones (`objective.norm_init=ones`)             -- paper Fig. 7, "default init"
 
     .venv/bin/python -m thinkdiff make-mini-captions data/mini-captions      # the data configs/align_mini.yaml reads
     .venv/bin/python benchmarks/mini_ablations.py [--config configs/align_mini.yaml] [--out runs/mini_ablations]
+        [key.sub=value ...]    # for every variant, e.g. train.max_steps=500 (then all of them train under --out)
 
 Prints, per variant, the loss over the first and last 5% of steps, its largest step-to-step jump and its spread over
 the last 20% (the stability Fig. 7 is about), writes `losses.png`, and the aligner folders that
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 VARIANTS = {"generated": [], "input": ["embed=input"], "norm-ones": ["objective.norm_init=ones"]}
 
@@ -41,13 +44,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "align_mini.yaml"))
     parser.add_argument("--out", default="runs/mini_ablations")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
     out, config = Path(args.out), args.config
     runs = {}
+    recipe = yaml.safe_load(Path(config).read_text())["train"]
     for name, overrides in VARIANTS.items():
-        run_dir = out / name
-        cache = out / ("cache-input" if "embed=input" in overrides else "cache-output")
-        extra = [f"train.output_dir={run_dir}", f"train.cache={cache}"]
+        # the recipe trains in its own folders; variants beside each other under --out, sharing the recipe's
+        # generated-token cache unless they read other states
+        run_dir = Path(recipe["output_dir"]) if not overrides and not args.overrides else out / name
+        cache = out / "cache-input" if "embed=input" in overrides else Path(recipe["cache"])
+        extra = [*args.overrides, f"train.output_dir={run_dir}", f"train.cache={cache}"]
         run("-m", "thinkdiff", "cache", "--config", config, *overrides, *extra)  # skips finished shards
         if not (run_dir / "aligner").is_dir():
             run("train.py", "--config", config, *overrides, *extra)

@@ -116,7 +116,7 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
     from thinkdiff.config import GRPOLossConfig
     from thinkdiff.grpo.loss import policy_loss
     from thinkdiff.grpo.policy import Policy
-    from thinkdiff.grpo.trainer import update_policy
+    from thinkdiff.grpo.trainer import backward_share, micro_batches
     from thinkdiff.testing.tiny_models import tiny_path
     from thinkdiff.vlm import VLMRequest
 
@@ -132,25 +132,58 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
     loss_cfg = GRPOLossConfig(beta=0.05, aggregation=aggregation)
     params = policy.trainable_parameters()
 
-    # Reference: the batch loss in one call, then its gradient.
+    # Reference: the batch loss in one call, each sequence's log-probs from its own unpadded pass.
     longest, total = max(map(len, completions)), sum(map(len, completions))
     pad = lambda rows: torch.stack([torch.cat([r, r.new_zeros(longest - len(r))]) for r in rows])
-    logp = pad([policy.logprobs(q, c) for q, c in zip(requests, completions)])
+    single = lambda q, c, **kw: policy.logprobs([q], [c], **kw)[0][0]
+    logp = pad([single(q, c) for q, c in zip(requests, completions)])
     with torch.no_grad():
-        ref = pad([policy.logprobs(q, c, reference=True) for q, c in zip(requests, completions)])
+        ref = pad([single(q, c, reference=True) for q, c in zip(requests, completions)])
     mask = pad([torch.ones(len(c)) for c in completions])
     loss, _ = policy_loss(logp, logp.detach(), ref, advantages, mask, beta=0.05, aggregation=aggregation,
                           max_completion_length=longest)
     expected = torch.autograd.grad(loss, params)
 
-    # Two "processes": groups 0 and 1, each scaled by the batch totals; gradients captured where they are summed.
+    # Two "processes" (groups 0 and 1), each scaled by the batch totals, in padded micro-batches of 2.
     shares = []
     for g in (slice(0, 3), slice(3, 6)):
-        update_policy(policy, torch.optim.SGD(params, lr=0.0), requests[g], completions[g], advantages[g], 1.0,
-                      loss_cfg, None, total_tokens=total, total_completions=6, longest=longest,
-                      sum_across_processes=lambda ps: shares.append([p.grad.clone() for p in ps]))
+        batches = micro_batches(requests[g], 2)
+        with torch.no_grad():
+            refs = [policy.logprobs([requests[g][i] for i in b], [completions[g][i] for i in b], reference=True)[0]
+                    for b in batches]
+        policy.model.zero_grad()
+        backward_share(policy, requests[g], completions[g], advantages[g], batches, None, refs, 1.0, loss_cfg,
+                       total, 6, longest)
+        shares.append([p.grad.clone() for p in params])
     for want, a, b in zip(expected, *shares):
         torch.testing.assert_close(a + b, want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mllama", "qwen2-vl"])
+def test_padded_log_probs_equal_each_sequence_alone(task, kind):
+    """The update's batched pass (prompts left-padded, completions right-padded, images included) gives every
+    completion token the log-prob of the sequence's own unpadded forward pass."""
+    from thinkdiff.grpo.policy import Policy
+    from thinkdiff.testing.tiny_models import tiny_path
+    from thinkdiff.vlm import VLMRequest
+
+    policy = Policy(tiny_path(kind), keep_reference=False)
+    problems = load_problems(task)[:3]
+    images = (lambda p: []) if kind == "llama" else (lambda p: p.images)
+    prompts = ["Hi", "What is the sum of these two digits? Answer with one number only.", "Two plus two"]
+    requests = [VLMRequest(text + " " + p.prompt if kind != "llama" else text, images(p))
+                for text, p in zip(prompts, problems)]
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(5, 300, (n,), generator=g) for n in (4, 1, 7)]
+    with torch.no_grad():
+        logp, mask = policy.logprobs(requests, completions, temperature=0.7)
+        assert logp.shape == mask.shape == (3, 7) and mask.sum(1).tolist() == [4, 1, 7]
+        for row, (q, c) in enumerate(zip(requests, completions)):
+            inputs = policy.engine.forward_inputs(q, c)  # one unpadded sequence
+            logits = policy.model(**inputs, use_cache=False).logits[0, -len(c) - 1:-1].float() / 0.7
+            want = torch.log_softmax(logits, -1).gather(-1, c[:, None])[:, 0]
+            torch.testing.assert_close(logp[row, :len(c)], want, atol=1e-5, rtol=1e-5)
+            assert not mask[row, len(c):].any()
 
 
 def test_grpo_on_two_processes_equals_one(task, tmp_path):

@@ -298,6 +298,7 @@ class GRPOLoopConfig:
     max_steps: PositiveInt = 100
     problems_per_step: PositiveInt = 4
     group_size: Annotated[int, pydantic.Field(ge=2)] = 8  # K rollouts per problem
+    micro_batch_size: PositiveInt = 16  # completions per padded forward/backward pass of the update
     lr: Annotated[float, pydantic.Field(gt=0.0)] = 5e-7  # paper: AdamW, 5e-7
     weight_decay: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, pydantic.Field(gt=0.0)] | None = 1.0

@@ -58,20 +58,44 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def logprobs(self, request: VLMRequest, completion_ids: torch.Tensor, temperature: float = 1.0,
-                 reference: bool = False) -> torch.Tensor:
-        """log pi(token_j | prompt, tokens <j) for each completion token: [G] (grad unless `reference`)."""
-        inputs = self.engine.forward_inputs(request, completion_ids)
-        prompt_len = inputs["input_ids"].shape[1] - len(completion_ids)
+    def distribute(self, accelerator) -> None:
+        """Forward passes that train go through accelerate's DistributedDataParallel wrapper, which averages
+        gradients over processes during backward (one process: the model itself). Build the accelerator with
+        `DistributedDataParallelKwargs(find_unused_parameters=True)`: Mllama's cross-attention layers idle on a
+        text-only batch."""
+        self.trained = accelerator.prepare_model(self.model)
+
+    def logprobs(self, requests: list[VLMRequest], completions: list[torch.Tensor], temperature: float = 1.0,
+                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(token_j | prompt, tokens < j) of every completion token in padded batched passes (one per kind of
+        request: with images, without): logp [B, T] (grad unless `reference`) and its mask [B, T], T the longest
+        completion. Each row equals the request's own unpadded pass."""
         if reference and self.lora:
             model, context = self.model, self.model.disable_adapter()
         elif reference:
             model, context = self.reference, nullcontext()
         else:
-            model, context = self.model, nullcontext()
+            model, context = getattr(self, "trained", self.model), nullcontext()
+        width = max(len(c) for c in completions)
+        rows, parts = [], []
         with context, torch.set_grad_enabled(not reference and torch.is_grad_enabled()):
-            logits = model(**inputs, use_cache=False).logits[0, prompt_len - 1:-1].float() / temperature
-        return torch.log_softmax(logits, -1).gather(-1, completion_ids.to(logits.device)[:, None])[:, 0]
+            for has_images in (True, False):
+                group = [i for i, r in enumerate(requests) if bool(r.images) == has_images]
+                if not group:
+                    continue
+                inputs = self.engine.batch_forward_inputs([requests[i] for i in group], [completions[i] for i in group])
+                w = max(len(completions[i]) for i in group)
+                # the last w + 1 positions but the final one: position P - 1 + j predicts completion token j
+                logits = model(**inputs, use_cache=False, logits_to_keep=w + 1).logits[:, :-1].float() / temperature
+                targets = inputs["input_ids"][:, -w:] if w else inputs["input_ids"][:, :0]
+                part = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+                parts.append(torch.nn.functional.pad(part, (0, width - w)))
+                rows += group
+        logp = torch.cat(parts)[torch.tensor(rows).argsort()]
+        mask = torch.zeros(len(completions), width)
+        for i, c in enumerate(completions):
+            mask[i, :len(c)] = 1
+        return logp, mask.to(logp.device)
 
     def save_trainable(self, path) -> None:
         """What training changes (full weights, or the LoRA adapters) in one safetensors file, under the model's

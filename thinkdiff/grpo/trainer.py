@@ -17,8 +17,8 @@ runs.
 Several processes (`accelerate launch --num_processes N train.py ...`): each process takes whole groups (process r
 the r-th contiguous `problems_per_step / N` problems of the step's batch), rolls them out on its own device with
 transformers, scores them, and back-propagates its share of the global loss; gradients are then summed across
-processes, so every process takes the same optimizer step as one process holding the whole batch would (no DDP: the
-number of backward passes differs between processes). vLLM rollouts run in one process.
+processes by accelerate's DDP, so every process takes the same optimizer step as one process holding the whole batch
+would. vLLM rollouts run in one process.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
@@ -99,7 +100,8 @@ def save_policy(policy: Policy, directory: Path) -> None:
 
 def train_grpo(cfg: GRPOTrainConfig) -> Path:
     """Train and return the folder of the final policy (`OUTPUT_DIR/policy`)."""
-    accelerator = make_accelerator()
+    # DDP: Mllama's cross-attention layers idle on text-only batches
+    accelerator = make_accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world = accelerator.process_index, accelerator.num_processes
     loop, loss_cfg = cfg.train, cfg.loss
     if world > 1 and cfg.rollout_backend == "vllm":
@@ -117,6 +119,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     policy = Policy(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype), device=device,
                     max_images=cfg.policy.max_images, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                     keep_reference=loss_cfg.beta > 0, seed=loop.seed)
+    policy.distribute(accelerator)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     start = 0
     if resume:
@@ -171,8 +174,8 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
             step_loss, kl = update_policy(policy, optimizer, requests, completions, advantages, temperature,
                                           loss_cfg, loop.max_grad_norm, total_tokens=int(totals[:, 0].sum()),
                                           total_completions=len(completions) * world,
-                                          longest=int(totals[:, 1].max()),
-                                          sum_across_processes=_all_reduce_sum if world > 1 else None)
+                                          longest=int(totals[:, 1].max()), micro_batch_size=loop.micro_batch_size,
+                                          accelerator=accelerator)
             if rollout_engine is not policy.engine:
                 rollout_engine.update_weights(policy.merged_weights())
 
@@ -206,48 +209,66 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     return out / "policy"
 
 
+def micro_batches(requests, size: int) -> list[list[int]]:
+    """Consecutive runs of at most `size` requests of one kind (with images or without): one forward each."""
+    batches = []
+    for i, request in enumerate(requests):
+        last = batches[-1] if batches else None
+        if last and len(last) < size and bool(requests[last[0]].images) == bool(request.images):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def update_policy(policy: Policy, optimizer, requests, completions, advantages: torch.Tensor, temperature: float,
                   loss_cfg, max_grad_norm: float | None, total_tokens: int, total_completions: int, longest: int,
-                  sum_across_processes=None) -> tuple[float, float]:
-    """`loss_cfg.num_iterations` optimizer steps of the clipped loss on these completions, one sequence at a time.
-
-    Each sequence's loss is scaled to its share of the whole step's batch (`total_*` and `longest` count every
-    process), so the gradients summed by `sum_across_processes` (None in one process) are the batch gradient.
-    Returns this process's share of the loss and of the KL (of the last iteration)."""
+                  micro_batch_size: int = 16, accelerator=None) -> tuple[float, float]:
+    """`loss_cfg.num_iterations` optimizer steps of the clipped loss on these completions (see `backward_share`).
+    The log-probs before the update are only computed when the batch is used more than once (`num_iterations` >
+    1); otherwise the ratio is exp(logp - logp.detach()) = 1, as in TRL. Returns this process's share of the loss
+    and of the KL (of the last iteration)."""
+    batches = micro_batches(requests, micro_batch_size)
+    pick = lambda items, b: [items[i] for i in b]  # noqa: E731
     with torch.no_grad():
-        old = [policy.logprobs(q, c, temperature) for q, c in zip(requests, completions)]
-        ref = [policy.logprobs(q, c, temperature, reference=True) if loss_cfg.beta else None
-               for q, c in zip(requests, completions)]
+        old = [policy.logprobs(pick(requests, b), pick(completions, b), temperature)[0] for b in batches] \
+            if loss_cfg.num_iterations > 1 else None
+        ref = [policy.logprobs(pick(requests, b), pick(completions, b), temperature, reference=True)[0]
+               if loss_cfg.beta else None for b in batches]
     policy.model.train()
     for _ in range(loss_cfg.num_iterations):
         optimizer.zero_grad()
-        step_loss, kl = 0.0, 0.0
-        for i, (q, c) in enumerate(zip(requests, completions)):
-            logp = policy.logprobs(q, c, temperature)
-            loss, stats = policy_loss(logp[None], old[i][None], None if ref[i] is None else ref[i][None],
-                                      advantages[i:i + 1], torch.ones(1, len(c)), beta=loss_cfg.beta,
-                                      eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
-                                      aggregation=loss_cfg.aggregation, max_completion_length=longest)
-            share = len(c) / total_tokens if loss_cfg.aggregation == "token" else 1 / total_completions
-            (loss * share).backward()
-            step_loss += loss.item() * share
-            kl += stats["kl"] * len(c) / total_tokens
-        if sum_across_processes is not None:
-            sum_across_processes(policy.trainable_parameters())
+        step_loss, kl = backward_share(policy, requests, completions, advantages, batches, old, ref, temperature,
+                                       loss_cfg, total_tokens, total_completions, longest, accelerator)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_grad_norm)
         optimizer.step()
     return step_loss, kl
 
 
-def _all_reduce_sum(parameters) -> None:
-    """Sum the gradients of `parameters` over all processes (a missing gradient counts as zeros)."""
-    import torch.distributed as dist
+def backward_share(policy: Policy, requests, completions, advantages: torch.Tensor, batches: list[list[int]], old,
+                   ref, temperature: float, loss_cfg, total_tokens: int, total_completions: int, longest: int,
+                   accelerator=None) -> tuple[float, float]:
+    """Back-propagate this process's share of the step's batch loss, one padded micro-batch [b, T] at a time.
 
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    Each micro-batch's loss is scaled to its share of the whole step (`total_*` and `longest` count every process),
+    so the gradients accumulated here, summed over processes, are the gradient of the batch loss. accelerate's
+    DDP averages over processes in the last backward (earlier ones run under `no_sync`), hence the factor N."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    step_loss, kl = 0.0, 0.0
+    for n, b in enumerate(batches):
+        sync = accelerator is None or n == len(batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(policy.trained):
+            logp, mask = policy.logprobs([requests[i] for i in b], [completions[i] for i in b], temperature)
+            loss, stats = policy_loss(logp, logp.detach() if old is None else old[n], ref[n], advantages[b], mask,
+                                      beta=loss_cfg.beta, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                                      aggregation=loss_cfg.aggregation, max_completion_length=longest)
+            tokens = float(mask.sum())
+            share = tokens / total_tokens if loss_cfg.aggregation == "token" else len(b) / total_completions
+            (loss * share * world).backward()
+        step_loss += loss.item() * share
+        kl += stats["kl"] * tokens / total_tokens
+    return step_loss, kl
 
 
 def _vllm_rollout_engine(cfg: GRPOTrainConfig):

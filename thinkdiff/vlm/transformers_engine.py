@@ -160,16 +160,30 @@ class TransformersEngine(HiddenStateEngine):
 
     def forward_inputs(self, request: VLMRequest, output_ids: torch.Tensor) -> dict:
         """Model inputs for one unpadded forward pass over the prompt + `output_ids`."""
-        enc = dict(self.encode([request]))
-        ids = torch.cat([enc["input_ids"], output_ids[None].to(self.device)], dim=1)
-        enc["input_ids"] = ids
-        enc["attention_mask"] = torch.ones_like(ids)
+        return self.batch_forward_inputs([request], [output_ids])
+
+    def batch_forward_inputs(self, requests: list[VLMRequest], outputs: list[torch.Tensor]) -> dict:
+        """Model inputs for one forward pass over B prompts + their output ids: prompts left-padded as `generate`
+        pads them, outputs right-padded after them, so row b's prompt ends at column `input_ids.shape[1] -
+        max(len(outputs))` for every b. Position ids count real tokens only (Qwen2-VL derives its own from the
+        mask), so each row's logits equal its unpadded pass. Requests with and without images cannot share a
+        batch (Mllama's processor)."""
+        enc = dict(self.encode(requests))
+        width = max(len(o) for o in outputs)
+        ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        out_mask = torch.zeros(len(requests), width, dtype=enc["attention_mask"].dtype)
+        for row, o in enumerate(outputs):
+            ids[row, :len(o)], out_mask[row, :len(o)] = o, 1
+        enc["input_ids"] = torch.cat([enc["input_ids"], ids.to(self.device)], dim=1)
+        enc["attention_mask"] = torch.cat([enc["attention_mask"], out_mask.to(self.device)], dim=1)
+        if self.family != "qwen2-vl":
+            enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         if "mm_token_type_ids" in enc:  # generated tokens are text
             types = enc["mm_token_type_ids"]
-            enc["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(output_ids))], dim=1)
+            enc["mm_token_type_ids"] = torch.cat([types, types.new_zeros(len(requests), width)], dim=1)
         if "cross_attention_mask" in enc:  # generated tokens see what the last prompt token sees (as in generate)
             mask = enc["cross_attention_mask"]
-            enc["cross_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, len(output_ids), -1, -1)], 1)
+            enc["cross_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, width, -1, -1)], 1)
         return enc
 
     def _states(self, request, prompt_ids, output_ids, layers) -> dict[int, torch.Tensor]:
