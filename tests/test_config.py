@@ -8,9 +8,11 @@ from thinkdiff.config import (
     AlignTrainConfig,
     GRPOTrainConfig,
     InferenceConfig,
+    RareExperimentConfig,
     apply_overrides,
     load_config,
     load_training_config,
+    read_yaml,
 )
 from thinkdiff.errors import ConfigError, MissingFileError
 from thinkdiff.eval.config import CobsatEvalConfig
@@ -52,7 +54,7 @@ BAD = [
     (AlignTrainConfig, ["train.mixed_precision=fp8"], "train.mixed_precision='fp8'"),
     (AlignTrainConfig, ["data.prompts=[]"], "data.prompts=[]"),
     (AlignTrainConfig, ["train.batch_size=0"], "train.batch_size=0"),
-    (GRPOTrainConfig, ["reward.judge=gpt"], "reward.judge='gpt'"),
+    (GRPOTrainConfig, ["reward.judge=gpt"], "reward.judge: 'gpt' is not a judge; choose one of embedding, engine"),
     (GRPOTrainConfig, ["train.group_size=1"], "train.group_size=1"),
     (GRPOTrainConfig, ["loss.aggregation=sum"], "loss.aggregation='sum'"),
     (GRPOTrainConfig, ["rollout_backend=sglang"], "rollout_backend='sglang'"),
@@ -105,6 +107,9 @@ def test_every_shipped_config_loads():
             load_config(CobsatEvalConfig, path)
         elif path.name.startswith(("align", "grpo")):
             load_training_config(path)
+        elif path.name.startswith("rare"):
+            quick = load_config(RareExperimentConfig, path, read_yaml(path)["quick"])
+            assert quick.seeds == [0] and load_config(RareExperimentConfig, path).seeds == [0, 1, 2]
         else:
             load_config(InferenceConfig, path)
 

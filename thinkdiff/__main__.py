@@ -1,5 +1,5 @@
 """`python -m thinkdiff COMMAND`: make-tiny, make-toy-data, make-arithmetic-task, extract, cache, eval-passk, serve,
-eval-cobsat, make-mini-cobsat, convert-thinkdiff, train-mini, make-mini-captions."""
+eval-cobsat, make-mini-cobsat, convert-thinkdiff, train-mini, make-mini-captions, rare-experiment."""
 
 from __future__ import annotations
 
@@ -126,6 +126,18 @@ def cmd_eval_passk(args) -> int:
     return 0
 
 
+def cmd_rare_experiment(args) -> int:
+    from .config import RareExperimentConfig, load_config, read_yaml
+    from .grpo.rare_experiment import format_table, run_rare_experiment
+
+    quick = read_yaml(args.config).get("quick", []) if args.quick else []
+    cfg = load_config(RareExperimentConfig, args.config, [*quick, *args.overrides])
+    summary = run_rare_experiment(cfg, args.out)
+    print(format_table(summary))
+    print(f"summary: {Path(args.out) / 'summary.json'}, curves: {Path(args.out) / 'passk.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.tiny_models import KINDS
     from .vlm import BACKENDS
@@ -190,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON (and a .txt report beside it)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_eval_passk)
+
+    p = sub.add_parser("rare-experiment", help="exploration collapse in miniature: base vs plain vs uniqueness GRPO",
+                       description="Trains a text Llama from nothing on a two-strategy addition task, then plain "
+                                   "GRPO (alpha 0) and uniqueness GRPO (alpha 0.5, 1) from it for several seeds, "
+                                   "and writes pass@1..pass@n on held-out problems to OUT/summary.json and "
+                                   "OUT/passk.png. Finished parts are reused when re-run.")
+    p.add_argument("--config", required=True, help="e.g. configs/rare_mini.yaml")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="the config's `quick` overrides: minutes, same outputs")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_rare_experiment)
 
     p = sub.add_parser("cache", help="run the VLM once over a training dataset and write a feature cache",
                        description="Writes sharded safetensors (features in train.cache_dtype + token ids) to "

@@ -274,13 +274,23 @@ class RareRewardConfig:
 
     alpha: Fraction = 0.5  # 0 = plain GRPO; the paper does not state its value
     scale: Literal["group", "none"] = "group"  # "group": divide by the group std (GRPO); "none": Dr. GRPO
-    # embedding (offline MiniLM) | engine (one of our VLM engines) | openai (URL) | none
-    judge: Literal["embedding", "engine", "openai", "none"] = "embedding"
+    # embedding (offline MiniLM) | engine (one of our VLM engines) | openai (URL) | none | a name registered with
+    # thinkdiff.grpo.strategies.register_judge (e.g. addition-method, the collapse experiment's program)
+    judge: str = "embedding"
     judge_model: str | None = None  # judge=engine: model reference; judge=openai: the model name
     judge_url: str | None = None  # judge=openai: base URL of an OpenAI-compatible server (…/v1)
     judge_max_new_tokens: PositiveInt = 512
     # The cosine similarity at which the fallback joins two solutions
     embedding_threshold: Annotated[float, pydantic.Field(ge=-1.0, le=1.0)] = 0.85
+
+    @pydantic.field_validator("judge")
+    @classmethod
+    def _known_judge(cls, name: str) -> str:
+        from .grpo.strategies import judge_names
+
+        if name not in judge_names():
+            raise ValueError(f"{name!r} is not a judge; choose one of {', '.join(judge_names())}")
+        return name
 
 
 @config_dataclass
@@ -298,6 +308,7 @@ class GRPOLoopConfig:
     max_steps: PositiveInt = 100
     problems_per_step: PositiveInt = 4
     group_size: Annotated[int, pydantic.Field(ge=2)] = 8  # K rollouts per problem
+    rollout_batch_size: PositiveInt = 64  # sequences per generate call of the transformers rollout engine
     micro_batch_size: PositiveInt = 16  # completions per padded forward/backward pass of the update
     lr: Annotated[float, pydantic.Field(gt=0.0)] = 5e-7  # paper: AdamW, 5e-7
     weight_decay: Annotated[float, pydantic.Field(ge=0.0)] = 0.0
@@ -322,6 +333,43 @@ class GRPOTrainConfig:
     reward: RareRewardConfig = field(default_factory=RareRewardConfig)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     train: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)
+
+
+@config_dataclass
+class AdditionTaskConfig:
+    """thinkdiff.grpo.rare_task.AdditionTask: the collapse experiment's two-strategy task."""
+
+    hard: Fraction = 0.2  # share of pairs the common strategy (recall) gets wrong
+    recall_share: Fraction = 0.85  # share of recall traces in the supervised data (the rest: count)
+    recall_slip: Fraction = 0.03  # chance a recall trace is off by one
+    count_slip: Fraction = 0.04  # chance per counting step of a +2 step
+    heldout: Fraction = 1 / 3  # share of pairs kept out of GRPO for evaluation
+    seed: int = 0
+
+
+@config_dataclass
+class SupervisedConfig:
+    """The base policy: a text Llama trained from nothing on the task's traces (thinkdiff.grpo.base_policy)."""
+
+    steps: PositiveInt = 400
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, pydantic.Field(gt=0.0)] = 3e-3
+    hidden_size: PositiveInt = 128
+    layers: PositiveInt = 2
+    seed: int = 0
+
+
+@config_dataclass
+class RareExperimentConfig:
+    """`python -m thinkdiff rare-experiment`: base, plain GRPO and uniqueness GRPO from one base, several seeds."""
+
+    task: AdditionTaskConfig = field(default_factory=AdditionTaskConfig)
+    sft: SupervisedConfig = field(default_factory=SupervisedConfig)
+    grpo: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)  # policy.model and problems are filled in
+    alphas: list[Fraction] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # 0: plain GRPO
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    eval_samples: PositiveInt = 64  # samples per held-out problem (pass@1..pass@n)
+    quick: list[str] = field(default_factory=list)  # overrides that --quick applies
 
 
 TrainConfig = AlignTrainConfig | GRPOTrainConfig

@@ -16,7 +16,8 @@ from .passk import auc_at_k, pass_curve
 from .verifiers import get_verifier
 
 
-def load_policy_engine(path: str | Path, dtype=torch.float32, device: str = "cpu") -> TransformersEngine:
+def load_policy_engine(path: str | Path, dtype=torch.float32, device: str = "cpu",
+                       batch_size: int = 8) -> TransformersEngine:
     """A transformers engine on a policy folder: full weights, or LoRA adapters over their base model."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
@@ -24,15 +25,17 @@ def load_policy_engine(path: str | Path, dtype=torch.float32, device: str = "cpu
 
         base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
         merged = PeftModel.from_pretrained(load_model(base, dtype, device), str(path)).merge_and_unload().eval()
-        return TransformersEngine(base, dtype=dtype, device=device, model=merged)
-    return TransformersEngine(path, dtype=dtype, device=device)
+        return TransformersEngine(base, dtype=dtype, device=device, model=merged, batch_size=batch_size)
+    return TransformersEngine(path, dtype=dtype, device=device, batch_size=batch_size)
 
 
-def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer=None) -> dict:
+def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer=None, keep_correct: bool = False,
+                   progress: bool = True) -> dict:
     """n samples per problem -> pass@k (k = 1..n, unbiased estimator), AUC@n, mean distinct strategy clusters
-    among each problem's correct answers (when a clusterer is given)."""
+    among each problem's correct answers (when a clusterer is given); `keep_correct`: also each sample's verdict
+    (`correct`, [problems][n])."""
     correct, clusters = [], []
-    for problem in tqdm(problems, desc="pass@k", unit="problem"):
+    for problem in tqdm(problems, desc="pass@k", unit="problem", disable=not progress):
         outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], sampling, progress=False)
         verify = get_verifier(problem.verifier)
         ok = [verify(o.text, problem.answer) > 0 for o in outs]
@@ -43,7 +46,8 @@ def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer
     curve = pass_curve(correct, n)
     return {"n": n, "problems": len(problems), "pass_at_k": {str(k): v for k, v in enumerate(curve, 1)},
             "auc": auc_at_k(curve, n),
-            "clusters_among_correct": sum(clusters) / len(clusters) if clusters else None}
+            "clusters_among_correct": sum(clusters) / len(clusters) if clusters else None,
+            **({"correct": correct} if keep_correct else {})}
 
 
 def format_report(result: dict) -> str:

@@ -27,7 +27,7 @@ class Policy:
     def __init__(self, model_path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  max_images: int | None = None, lora_rank: int = 0, lora_alpha: int = 16,
                  lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), keep_reference: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, batch_size: int = 8):
         self.lora = lora_rank > 0
         model = load_model(model_path, dtype, device)
         if self.lora:
@@ -37,7 +37,8 @@ class Policy:
                                                      target_modules=list(lora_targets)))
             _init_lora(model, seed)
         self.model = model.eval()
-        self.engine = TransformersEngine(model_path, dtype=dtype, device=device, max_images=max_images, model=model)
+        self.engine = TransformersEngine(model_path, dtype=dtype, device=device, max_images=max_images, model=model,
+                                         batch_size=batch_size)
         # The reference policy: with LoRA the adapters are switched off, otherwise a frozen copy of the start.
         self.reference = None
         if keep_reference and not self.lora:

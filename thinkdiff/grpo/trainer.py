@@ -5,7 +5,8 @@
 Each step: take `problems_per_step` problems, sample K = `group_size` answers each from the policy (temperature
 sampling through our engine), score them with the problem's verifier, cluster each mixed group by solution strategy
 (judge), turn rewards into A = w * z (advantages.py), and update the policy with the clipped ratio loss plus KL to the
-reference policy (loss.py), `num_iterations` times per batch of rollouts.
+reference policy (loss.py), `num_iterations` times per batch of rollouts, in padded micro-batches of
+`micro_batch_size` completions (one forward and backward pass each).
 
 Why not TRL's GRPOTrainer: TRL 1.16 forwards no Mllama inputs (`aspect_ratio_ids`, `aspect_ratio_mask`,
 `cross_attention_mask`), so Llama-3.2-Vision, the seed's VLM, cannot be its policy; its VLM path needs a
@@ -54,7 +55,7 @@ from .advantages import rare_advantages
 from .loss import policy_loss
 from .policy import Policy
 from .problems import load_problems
-from .strategies import EmbeddingClusterer, LLMJudgeClusterer, engine_ask, openai_ask
+from .strategies import JUDGES, EmbeddingClusterer, LLMJudgeClusterer, engine_ask, judge_names, openai_ask
 from .verifiers import get_verifier
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def build_clusterer(cfg: RareRewardConfig):
             raise ConfigError("reward.judge=openai needs reward.judge_url and reward.judge_model.")
         return LLMJudgeClusterer(openai_ask(cfg.judge_url, cfg.judge_model),
                                  fallback=EmbeddingClusterer(cfg.embedding_threshold))
-    raise ConfigError(f"Unknown reward.judge {cfg.judge!r}; choose embedding, engine, openai or none.")
+    if cfg.judge in JUDGES:
+        return JUDGES[cfg.judge]()
+    raise ConfigError(f"Unknown reward.judge {cfg.judge!r}; choose one of {', '.join(judge_names())}.")
 
 
 def score_group(problem, texts: list[str], clusterer, reward_cfg: RareRewardConfig):
@@ -118,7 +121,7 @@ def train_grpo(cfg: GRPOTrainConfig) -> Path:
     device = str(accelerator.device) if world > 1 else cfg.policy.device  # one device per process
     policy = Policy(resolve_model(cfg.policy.model, "policy.model"), dtype=torch_dtype(cfg.policy.dtype), device=device,
                     max_images=cfg.policy.max_images, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                    keep_reference=loss_cfg.beta > 0, seed=loop.seed)
+                    keep_reference=loss_cfg.beta > 0, seed=loop.seed, batch_size=loop.rollout_batch_size)
     policy.distribute(accelerator)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     start = 0
