@@ -85,10 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from thinkdiff.grpo.base_policy import build_text_llama
-    from thinkdiff.grpo.rare_task import AdditionTask
+    from thinkdiff.grpo.rare_task import VOCABULARY, AdditionTask
 
     out = Path(args.out)
-    model_dir = build_text_llama(out / "model", ["add and . recall count so", " ".join(map(str, range(30)))])
+    model_dir = build_text_llama(out / "model", VOCABULARY)
     train_path, _ = AdditionTask().write_problems(out / "problems")
     problems = [json.loads(line) for line in train_path.read_text().splitlines()]
     trl = run_trl(model_dir, problems, args.steps, out / "trl")

@@ -37,6 +37,7 @@ class Policy:
                                                      target_modules=list(lora_targets)))
             _init_lora(model, seed)
         self.model = model.eval()
+        self.trained = self.model  # what training forward passes call: the model, or its DDP wrapper (distribute)
         self.engine = TransformersEngine(model_path, dtype=dtype, device=device, max_images=max_images, model=model,
                                          batch_size=batch_size)
         # The reference policy: with LoRA the adapters are switched off, otherwise a frozen copy of the start.
@@ -76,7 +77,7 @@ class Policy:
         elif reference:
             model, context = self.reference, nullcontext()
         else:
-            model, context = getattr(self, "trained", self.model), nullcontext()
+            model, context = self.trained, nullcontext()
         width = max(len(c) for c in completions)
         rows, parts = [], []
         with context, torch.set_grad_enabled(not reference and torch.is_grad_enabled()):

@@ -30,7 +30,7 @@ from .base_policy import build_text_llama, supervised_finetune
 from .evaluate import evaluate_passk, load_policy_engine
 from .passk import auc_at_k, pass_curve
 from .problems import load_problems
-from .rare_task import AdditionMethodJudge, AdditionTask
+from .rare_task import VOCABULARY, AdditionMethodJudge, AdditionTask
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def train_base(cfg: RareExperimentConfig, task: AdditionTask, out: Path) -> Path
     """The supervised base policy in `out` (reused when its weights exist); its losses in `out/losses.json`."""
     if (out / "model.safetensors").is_file():
         return out
-    vocab = ["add and . recall count so", " ".join(str(i) for i in range(30))]
-    build_text_llama(out, vocab, seed=cfg.sft.seed, hidden_size=cfg.sft.hidden_size, layers=cfg.sft.layers)
+    build_text_llama(out, VOCABULARY, seed=cfg.sft.seed, hidden_size=cfg.sft.hidden_size, layers=cfg.sft.layers)
     pairs = task.sft_examples(cfg.sft.steps * cfg.sft.batch_size, seed=cfg.sft.seed)
     losses = supervised_finetune(out, pairs, cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr)
     save_json({"losses": losses}, out / "losses.json")
@@ -76,7 +75,7 @@ def run_rare_experiment(cfg: RareExperimentConfig, out: str | Path) -> dict:
     train_path, heldout_path = task.write_problems(out / "problems")
     base = train_base(cfg, task, out / "base")
     heldout = load_problems(heldout_path)
-    hard = [json.loads(line)["hard"] for line in heldout_path.read_text().splitlines()]
+    hard = [pair in task.hard_pairs() for pair in task.split()[1]]  # heldout.jsonl's order
 
     results: dict[str, dict[int, dict]] = {"base": {}}
     for seed in cfg.seeds:

@@ -23,11 +23,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from .strategies import register_judge
 
 METHODS = ("recall", "count")
+# every word a prompt or a trace of the task uses (the base policy's vocabulary)
+VOCABULARY = ["add and . recall count so", " ".join(str(i) for i in range(30))]
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,11 @@ class AdditionTask:
     seed: int = 0
 
     def pairs(self) -> list[tuple[int, int]]:
-        return [(a, b) for a in range(10) for b in range(1, 10)]
+        return _pairs()
 
-    def hard_pairs(self) -> set[tuple[int, int]]:
+    def hard_pairs(self) -> frozenset[tuple[int, int]]:
         """The pairs whose remembered sum is wrong, a fixed function of the seed, in both splits alike."""
-        rng = random.Random(f"addition-hard/{self.seed}")
-        pairs = self.pairs()
-        return set(rng.sample(pairs, round(self.hard * len(pairs))))
+        return _hard_pairs(self.hard, self.seed)
 
     def split(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(training pairs, held-out pairs): disjoint, each with its share of hard pairs."""
@@ -98,6 +99,16 @@ class AdditionTask:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             paths.append(path)
         return paths[0], paths[1]
+
+
+def _pairs() -> list[tuple[int, int]]:
+    return [(a, b) for a in range(10) for b in range(1, 10)]
+
+
+@cache  # trace() asks for every recall trace
+def _hard_pairs(share: float, seed: int) -> frozenset[tuple[int, int]]:
+    pairs = _pairs()
+    return frozenset(random.Random(f"addition-hard/{seed}").sample(pairs, round(share * len(pairs))))
 
 
 def prompt(a: int, b: int) -> str:
