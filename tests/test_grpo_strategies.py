@@ -103,3 +103,43 @@ def test_embedding_clusters_are_the_components_of_the_similarity_graph():
                         stack += [j for j in range(8) if similar[i, j] and reference[j] is None]
                 seen += 1
         assert labels == reference, (trial, labels, reference)
+
+
+def test_openai_judge_client_retries_and_reads_the_answer():
+    """reward.judge=openai goes through the `openai` client: a 500 is retried, the key and the model are sent."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from thinkdiff.grpo.strategies import openai_ask
+
+    seen = []
+
+    class Chat(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body["model"], body["temperature"]))
+            if len(seen) == 1:
+                self.send_response(500)
+                self.end_headers()
+                return
+            answer = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": "[[1, 2], [3]]"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Chat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ask = openai_ask(f"http://127.0.0.1:{server.server_port}/v1", "judge-model", api_key="k", timeout=10)
+        assert ask("Group these answers.") == "[[1, 2], [3]]"
+    finally:
+        server.shutdown()
+    assert seen == [("/v1/chat/completions", "Bearer k", "judge-model", 0)] * 2  # the 500, then the retry

@@ -1,5 +1,6 @@
-"""The hidden-state HTTP server and `RemoteEngine`: remote answers equal in-process ones, concurrent callers are
-merged safely, and every bad request gets a 4xx JSON error while the server keeps serving."""
+"""The server (FastAPI on uvicorn) and `RemoteEngine`: remote answers equal in-process ones, calls run one at a time
+and are never merged, bad or oversized calls are refused before any engine work, clients that hang up are cancelled,
+and every refusal is a 4xx JSON error while the server keeps serving."""
 
 import argparse
 import base64
@@ -14,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from thinkdiff.features import body_metadata, decode_states
 from thinkdiff.pipeline import load_image
 from thinkdiff.serve import HiddenStateServer, ServerLimits, add_serve_parser, build_server
 from thinkdiff.vlm import HiddenStateEngine, SamplingConfig, VLMRequest
-from thinkdiff.vlm.remote_engine import RemoteEngine, _metadata, decode_states
+from thinkdiff.vlm.remote_engine import RemoteEngine
 
 from .conftest import make_image
 
@@ -33,6 +35,7 @@ class ProbeEngine(HiddenStateEngine):
     def __init__(self, inner):
         self.inner = inner
         self.num_layers, self.hidden_size, self.max_images = inner.num_layers, inner.hidden_size, inner.max_images
+        self.context_length = inner.context_length
         self.calls: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -48,6 +51,9 @@ class ProbeEngine(HiddenStateEngine):
         if "INVALID" in prompts:
             raise ValueError("the engine rejects INVALID prompts")
         return self.inner.generate(requests, layers, sampling, progress=progress)
+
+    def prompt_counter(self):
+        return self.inner.prompt_counter()
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +209,7 @@ def test_response_layout(serve):
                              "output_embed.1", "output_embed.4"]}
     assert tensors["1.output_token_ids"].dtype == torch.int64 and tensors["1.output_token_ids"].shape == (3,)
     assert tensors["0.output_embed.4"].shape == (3, 128)
-    assert len(json.loads(_metadata(body)["texts"])) == 2
+    assert len(json.loads(body_metadata(body)["texts"])) == 2
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -229,63 +235,104 @@ def _wait(predicate, timeout=30):
         time.sleep(0.01)
 
 
-def test_waiting_greedy_calls_are_merged_sampled_ones_not(serve, engine):
-    server, probe = serve("llama")
-    remote = RemoteEngine(server.url, timeout=120)
-    sampled = SamplingConfig(max_new_tokens=4, do_sample=True, seed=7)
-    first = VLMRequest("first call holds the engine")
-    greedy = [VLMRequest(f"greedy call {i}") for i in range(5)]
-    lonely = VLMRequest("a sampled call")
-    layers = [0, -1]
-    expected = [engine("llama").generate([r], layers, GREEDY)[0] for r in [first, *greedy]]
-    expected_sampled = engine("llama").generate([lonely], layers, sampled)[0]
-
+def _held(probe):
+    """Hold the engine at its gate until the block ends."""
     probe.calls.clear()
     probe.entered.clear()
     probe.gate.clear()
+
+
+def test_calls_run_one_at_a_time_in_arrival_order_never_merged(serve, engine):
+    server, probe = serve("llama")
+    remote = RemoteEngine(server.url, timeout=120)
+    calls = [VLMRequest("first call holds the engine")] + [VLMRequest(f"greedy call {i}") for i in range(4)]
+    expected = [engine("llama").generate([r], [0, -1], GREEDY)[0] for r in calls]
+    _held(probe)
     with ThreadPoolExecutor(max_workers=8) as pool:
         try:
-            head = pool.submit(remote.generate, [first], layers, GREEDY)
+            futures = [pool.submit(remote.generate, [calls[0]], [0, -1], GREEDY)]
             _wait(probe.entered.is_set)
-            futures = [pool.submit(remote.generate, [greedy[0]], layers, GREEDY)]
-            _wait(lambda: server.worker.pending == 1)
-            futures.append(pool.submit(remote.generate, [lonely], layers, sampled))
-            _wait(lambda: server.worker.pending == 2)
-            for r in greedy[1:]:
-                futures.append(pool.submit(remote.generate, [r], layers, GREEDY))
-            _wait(lambda: server.worker.pending == 6)
+            for i, r in enumerate(calls[1:], 1):
+                futures.append(pool.submit(remote.generate, [r], [0, -1], GREEDY))
+                _wait(lambda n=i: server.worker.pending == n)
         finally:
             probe.gate.set()
-        results = [head.result(timeout=120)[0]] + [f.result(timeout=120)[0] for f in futures]
-    # the first call alone, then the 5 waiting greedy calls as one, then the sampled call alone
-    assert probe.calls == [1, 5, 1]
-    assert_same([results[0], results[1], *results[3:]], expected)
-    assert_same([results[2]], [expected_sampled])
+        results = [f.result(timeout=120)[0] for f in futures]
+    assert probe.calls == [1, 1, 1, 1, 1]  # five engine calls of one request each
+    assert_same(results, expected)
 
 
-def test_merged_call_with_a_bad_job_answers_each_on_its_own(serve, engine):
+def test_a_client_that_hangs_up_is_cancelled_before_the_engine(serve, engine):
     server, probe = serve("llama")
     remote = RemoteEngine(server.url, timeout=120)
-    good = [VLMRequest(f"good call {i}") for i in range(3)]
-    expected = [engine("llama").generate([r], [1], GREEDY)[0] for r in good]
-    probe.calls.clear()
-    probe.entered.clear()
-    probe.gate.clear()
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    _held(probe)
+    u = urllib.parse.urlsplit(server.url)
+    with ThreadPoolExecutor(max_workers=2) as pool:
         try:
-            head = pool.submit(remote.generate, [good[0]], [1], GREEDY)
+            head = pool.submit(remote.generate, [VLMRequest("holds the engine")], [0], GREEDY)
             _wait(probe.entered.is_set)
-            bad = pool.submit(remote.generate, [VLMRequest("INVALID")], [1], GREEDY)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+            conn.request("POST", "/generate", json.dumps({"requests": [{"prompt": "GONE"}]}),
+                         {"Content-Type": "application/json"})
             _wait(lambda: server.worker.pending == 1)
-            rest = [pool.submit(remote.generate, [r], [1], GREEDY) for r in good[1:]]
-            _wait(lambda: server.worker.pending == 3)
+            conn.sock.shutdown(2)  # the client hangs up while its call waits
+            conn.close()
+            _wait(lambda: server.worker.pending == 0)
         finally:
             probe.gate.set()
-        results = [head.result(timeout=120)[0]] + [f.result(timeout=120)[0] for f in rest]
-        with pytest.raises(ValueError, match="rejects INVALID"):
-            bad.result(timeout=120)
-    assert probe.calls == [1, 3, 1, 1, 1]  # the merged call failed, so its three calls ran one by one
-    assert_same(results, expected)
+        head.result(timeout=120)
+    assert remote.generate([VLMRequest("after")], [], GREEDY)[0].output_token_ids.numel() >= 1
+    assert probe.calls == [1, 1]  # the hung-up call never ran
+    assert server.worker.counts["cancelled"] >= 1
+
+
+def test_a_call_past_its_deadline_gets_504_and_never_runs(engine):
+    probe = ProbeEngine(engine("llama"))
+    with HiddenStateServer(probe, port=0, limits=ServerLimits(request_timeout=1.0)).start() as server:
+        _held(probe)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            try:
+                head = pool.submit(post_json, server.url, {"requests": [{"prompt": "slow"}]})
+                _wait(probe.entered.is_set)
+                status, _, body = post_json(server.url, {"requests": [{"prompt": "late"}]})
+                assert status == 504 and "deadline" in json.loads(body)["error"]
+                assert json.loads(call(server.url, "GET", "/health")[2])["engine"]["state"] == "busy"
+            finally:
+                probe.gate.set()
+            assert head.result(timeout=60)[0] == 504  # it ran, but past the deadline: its answer was dropped
+        _wait(lambda: server.worker.health()["state"] == "idle")
+        assert probe.calls == [1]  # "late" never reached the engine
+
+
+def test_health_reports_a_stuck_engine(engine):
+    probe = ProbeEngine(engine("llama"))
+    with HiddenStateServer(probe, port=0, limits=ServerLimits(request_timeout=0.2)).start() as server:
+        _held(probe)
+        try:
+            threading.Thread(target=post_json, args=(server.url, {"requests": [{"prompt": "x"}]}),
+                             daemon=True).start()
+            _wait(probe.entered.is_set)
+            time.sleep(0.6)  # stuck_after = 2 x the request deadline
+            status, _, body = call(server.url, "GET", "/health")
+            assert status == 503 and json.loads(body)["engine"]["state"] == "stuck"
+        finally:
+            probe.gate.set()
+        _wait(lambda: call(server.url, "GET", "/health")[0] == 200)
+
+
+def test_32_concurrent_clients_all_answered(serve, engine):
+    """The probe's failure: 4-24 of 256 calls reset by a listen backlog of 5. uvicorn's backlog is 2048."""
+    server, _ = serve("llama")
+    sampling = SamplingConfig(max_new_tokens=2)
+    requests = [VLMRequest(f"client {i % 8}") for i in range(64)]
+    expected = {r.prompt: engine("llama").generate([r], [], sampling)[0].text for r in requests[:8]}
+
+    def client(r):
+        return RemoteEngine(server.url, timeout=120).generate([r], [], sampling)[0].text
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(client, requests))
+    assert answers == [expected[r.prompt] for r in requests]
 
 
 # ---------------------------------------------------------------------------------------------- bad requests
@@ -350,16 +397,21 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(serve, case):
 
 
 def test_http_level_errors(serve):
-    server, _ = serve("llama")
+    server, probe = serve("llama")
+    calls = len(probe.calls)
+    json_type = {"Content-Type": "application/json"}
     for method, path, body, headers, expected in [
         ("GET", "/nope", None, {}, 404),
-        ("POST", "/nope", b"{}", {}, 404),
+        ("POST", "/nope", b"{}", json_type, 404),
         ("DELETE", "/generate", None, {}, 405),
-        ("POST", "/generate", None, {}, 411),  # no Content-Length
-        ("POST", "/generate", b"", {"Content-Length": "-3"}, 400),
-        ("POST", "/generate", b"{}", {"Content-Length": str(10 ** 12)}, 413),  # declared huge, never sent
-        ("POST", "/generate", b"{}", {"Content-Length": str(MAX_BODY + 1), "Expect": "100-continue"}, 413),
-        ("POST", "/generate", _req(images=[{"path": "sub/pic.png"}]), {}, 400),  # llama takes no images
+        ("POST", "/generate", _req(), {}, 415),  # no JSON content type (what a cross-site form sends)
+        ("POST", "/generate", _req(), {"Content-Type": "text/plain"}, 415),
+        ("POST", "/generate", None, json_type, 411),  # no Content-Length
+        ("POST", "/generate", b"", {**json_type, "Content-Length": "-3"}, 400),  # refused by the HTTP parser
+        ("POST", "/generate", b"{}", {**json_type, "Content-Length": str(10 ** 12)}, 413),  # declared, never sent
+        ("POST", "/generate", b"{}", {**json_type, "Content-Length": str(MAX_BODY + 1), "Expect": "100-continue"},
+         413),
+        ("POST", "/generate", _req(images=[{"path": "sub/pic.png"}]), json_type, 400),  # llama takes no images
     ]:
         if isinstance(body, dict):
             body = json.dumps(body).encode()
@@ -373,11 +425,14 @@ def test_http_level_errors(serve):
                 conn.putheader("Content-Length", str(len(body)))
             conn.endheaders(body if body is not None and "Expect" not in headers else None)
             response = conn.getresponse()
-            assert response.status == expected, (method, path, response.read())
-            assert "error" in json.loads(response.read())
+            answer = response.read()
+            assert response.status == expected, (method, path, answer)
+            if headers.get("Content-Length") != "-3":
+                assert json.loads(answer)["error"]
         finally:
             conn.close()
         assert_healthy(server.url)
+    assert len(probe.calls) == calls  # none of them reached the engine
 
 
 def test_remote_client_errors(serve):
@@ -423,3 +478,142 @@ def test_serve_cli_and_make_engine(tiny, image_dir):
         remote = make_engine(VLMConfig(model=server.url, backend="remote"))
         assert isinstance(remote, RemoteEngine) and remote.max_requests == 4
         assert len(remote.generate([VLMRequest(f"q {i}") for i in range(6)], [-1], GREEDY)) == 6
+
+
+# ---------------------------------------------------------------------------------------------- admission
+
+
+def test_prompts_past_the_context_are_refused_before_any_work(serve, engine):
+    server, probe = serve("llama")
+    eng = engine("llama")
+    counter = eng.prompt_counter()
+    words = "apple " * 2000
+    fits = next(n for n in range(2000, 0, -50) if counter(VLMRequest(words[:6 * n])) <= eng.context_length - 64)
+    calls = len(probe.calls)
+    for prompt, tokens, message in [
+        ("x" * 200_000, 2, "characters"),  # like the probe's 1 MB prompt: refused without tokenising
+        (words, 2, "exceed this model's context of 2048"),  # ~2,000 words
+        (words[:6 * fits] + "apple " * 40, 64, "max_new_tokens is 64"),  # fits alone, not with 64 new tokens
+    ]:
+        status, _, body = post_json(server.url, {"requests": [{"prompt": prompt}],
+                                                 "sampling": {"max_new_tokens": tokens}})
+        assert status == 400 and message in json.loads(body)["error"], body
+    assert len(probe.calls) == calls  # no engine work for any of them
+    status, _, _ = post_json(server.url, {"requests": [{"prompt": words[:6 * fits]}],
+                                          "sampling": {"max_new_tokens": 64}})
+    assert status == 200 and len(probe.calls) == calls + 1
+
+
+def test_images_are_refused_by_pixels_before_decoding(serve):
+    server, probe = serve("mllama")
+    calls = len(probe.calls)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")  # 25 Mpx in a few KB, like the probe's 6324x6324 PNG
+    assert len(buf.getvalue()) < 100_000
+    status, _, body = post_json(server.url, _req(images=[{"base64": base64.b64encode(buf.getvalue()).decode()}]))
+    assert status == 400 and "5000x5000" in json.loads(body)["error"]
+    assert len(probe.calls) == calls
+
+
+def test_api_key_required_and_checked(engine):
+    with pytest.raises(ValueError, match="API key"):
+        HiddenStateServer(engine("llama"), host="0.0.0.0", port=0)
+    with HiddenStateServer(engine("llama"), port=0, api_key="s3cret").start() as server:
+        payload = json.dumps({"requests": [{"prompt": "hi"}], "sampling": {"max_new_tokens": 2}}).encode()
+        for headers, expected in [({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                  ({"Authorization": "Basic s3cret"}, 401), ({"Authorization": "Bearer s3cret"}, 200)]:
+            status, _, body = call(server.url, "POST", "/generate", payload,
+                                   {"Content-Type": "application/json", **headers})
+            assert status == expected, body
+        assert call(server.url, "GET", "/metrics")[0] == 401
+        assert len(RemoteEngine(server.url, api_key="s3cret").generate([VLMRequest("hi")], [], GREEDY)) == 1
+        with pytest.raises(ValueError, match="401"):
+            RemoteEngine(server.url).generate([VLMRequest("hi")], [], GREEDY)
+
+
+def test_metrics_count_calls_tokens_and_queue(serve):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, _ = serve("llama")
+
+    def samples():
+        status, ctype, body = call(server.url, "GET", "/metrics")
+        assert status == 200 and ctype.startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+
+    before = samples()
+    ok = ("thinkdiff_requests_total", (("endpoint", "/generate"), ("status", "200")))
+    bad = ("thinkdiff_requests_total", (("endpoint", "/generate"), ("status", "400")))
+    generated = ("thinkdiff_tokens_total", (("kind", "generated"),))
+    post_json(server.url, {"requests": [{"prompt": "a"}, {"prompt": "b"}],
+                           "sampling": {"max_new_tokens": 3, "min_new_tokens": 3}})
+    post_json(server.url, {"requests": []})
+    after = samples()
+    assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
+    assert after[generated] == before.get(generated, 0) + 6
+    assert after[("thinkdiff_queue_depth", ())] == 0
+    assert after[("thinkdiff_request_seconds_count", (("endpoint", "/generate"),))] >= 2
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+@pytest.fixture(scope="module")
+def image_server(tiny):
+    from pathlib import Path
+
+    from thinkdiff.pipeline import ThinkDiffPipeline
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    pipe = ThinkDiffPipeline.from_config(config, ["decoder.num_inference_steps=2", "vlm.max_new_tokens=4",
+                                                  "vlm.min_new_tokens=4"])
+    with HiddenStateServer(pipe.engine, port=0, pipeline=pipe).start() as server:
+        yield server, pipe
+
+
+def test_images_endpoint_equals_the_pipeline(image_server):
+    from PIL import Image
+
+    server, pipe = image_server
+    context = make_image(40, 30, seed=4)
+    prompt = "Word 1: blue, <image> Word 2: red,"
+    status, ctype, body = post_json_to(server.url, "/v1/images/generations", {
+        "prompt": prompt, "images": [png_base64(context)], "n": 2, "size": "64x32", "seed": 5,
+        "response_format": "b64_json"})
+    assert status == 200 and ctype == "application/json", body
+    answer = json.loads(body)
+    sent = Image.open(io.BytesIO(base64.b64decode(png_base64(context))))  # what the server decodes
+    local = pipe(prompt, [sent], num_images=2, seed=5, width=64, height=32, progress=False)
+    assert answer["answer"] == local.text[0] and len(answer["data"]) == 2
+    assert set(answer["timings"]) == {"vlm", "aligner", "decoder"} and answer["settings"]["seed"] == 5
+    for item, expected in zip(answer["data"], local.images):
+        image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        assert image.size == (64, 32)
+        assert image.tobytes() == expected.tobytes()  # PNG is lossless: the pipeline's own pixels
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"prompt": "a", "size": "big"}, "size"),
+    ({"prompt": "a", "response_format": "url"}, "response_format"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "images": ["@@"]}, "invalid base64"),
+    ({"prompt": "a", "size": "5000x5000"}, "limit"),
+    ({"prompt": "a", "style": "vivid"}, "style"),
+])
+def test_images_endpoint_refuses_bad_calls(image_server, payload, message):
+    server, _ = image_server
+    status, _, body = post_json_to(server.url, "/v1/images/generations", payload)
+    assert status == 400 and message in json.loads(body)["error"], body
+
+
+def test_states_only_server_has_no_images_endpoint(serve):
+    server, _ = serve("llama")
+    status, _, body = post_json_to(server.url, "/v1/images/generations", {"prompt": "a"})
+    assert status == 404 and "--config" in json.loads(body)["error"]
+
+
+def post_json_to(url, path, payload):
+    return call(url, "POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})

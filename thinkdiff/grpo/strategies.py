@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import urllib.request
 from collections.abc import Callable
 from typing import Protocol
 
@@ -192,17 +192,18 @@ def engine_ask(engine, max_new_tokens: int = 512) -> Callable[[str], str]:
 
 
 def openai_ask(base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-               max_tokens: int = 1024) -> Callable[[str], str]:
-    """`ask` served by an OpenAI-compatible chat endpoint (vLLM's `vllm serve`, TGI, ...), temperature 0."""
-    url = base_url.rstrip("/") + "/chat/completions"
+               max_tokens: int = 1024, max_retries: int = 3) -> Callable[[str], str]:
+    """`ask` served by an OpenAI-compatible chat endpoint (vLLM's `vllm serve`, TGI, ...), temperature 0, through
+    the `openai` client (retries with backoff on connection errors, 429 and 5xx). The key defaults to
+    $OPENAI_API_KEY, else "EMPTY" (what vLLM's server accepts when it has none)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                    timeout=timeout, max_retries=max_retries)
 
     def ask(prompt: str) -> str:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                           "max_tokens": max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as response:
-            return json.loads(response.read())["choices"][0]["message"]["content"]
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=max_tokens)
+        return reply.choices[0].message.content or ""
 
     return ask

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +154,13 @@ class HiddenStateEngine(abc.ABC):
     num_layers: int  # N, the number of text decoder layers; valid layer indices are 0..N and -(N+1)..-1
     hidden_size: int  # H
     max_images: int | None  # images per request the model supports (None: no fixed limit)
+    context_length: int | None = None  # most tokens of prompt + answer the model takes (None: not known)
+
+    def prompt_counter(self) -> Callable[[VLMRequest], int] | None:
+        """A function giving a request's prompt length in tokens (chat template and image tokens included) that
+        may run in another thread while the engine generates (a server checks requests with it before queueing
+        them); None when this engine cannot tell."""
+        return None
 
     @abc.abstractmethod
     def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,

@@ -7,6 +7,7 @@ prompt + generated tokens, so they are exactly what a plain transformers forward
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class TransformersEngine(HiddenStateEngine):
         self.decoder = self.model.get_decoder()
         self.num_layers = len(self.decoder.layers)
         self.hidden_size = self.decoder.config.hidden_size
+        self.context_length = getattr(self.decoder.config, "max_position_embeddings", None)
         self.max_images = 0 if self.family == "text" else max_images
         self.batch_size = batch_size
         self.eos_token_ids = end_token_ids(self.model_path, self.tokenizer)
@@ -107,6 +109,9 @@ class TransformersEngine(HiddenStateEngine):
                 input_embed={k: s[:p] for k, s in states.items()},
                 output_embed={k: s[p:] for k, s in states.items()}))
         return results
+
+    def prompt_counter(self) -> PromptCounter:
+        return PromptCounter(self.model_path, self.family)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -271,6 +276,26 @@ def capture_layers(decoder: torch.nn.Module, layers: list[int]):
         while k not in seen:  # skipped layers are the identity
             k -= 1
         captured[layer] = seen[k]
+
+
+class PromptCounter:
+    """Prompt lengths in tokens, as the engines' processors make them, with a processor of its own (the engine's
+    may be busy generating; one lock makes it safe to call from many threads)."""
+
+    def __init__(self, model_path: str, family: str):
+        self.family = family
+        self.processor = _load_processor(model_path, family)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.lock = threading.Lock()
+
+    def __call__(self, request: VLMRequest) -> int:
+        with self.lock:
+            text = self.processor.apply_chat_template(request.chat_messages(), tokenize=False,
+                                                      add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+            if self.family == "qwen2-vl" and request.images:  # each image's one <|image_pad|> grows to its patches
+                enc = self.processor(text=[text], images=list(request.images), return_tensors="pt")
+                return int(enc["input_ids"].shape[1])
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _load_processor(path: str, family: str):

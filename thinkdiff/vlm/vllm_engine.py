@@ -59,7 +59,7 @@ from .engine import (
     answer_sentinel,
     end_token_ids,
 )
-from .transformers_engine import _load_processor, model_family
+from .transformers_engine import PromptCounter, _load_processor, model_family
 from .vllm_compat import check_version
 from .vllm_worker import WORKER_EXTENSION
 
@@ -223,6 +223,7 @@ class VLLMEngine(HiddenStateEngine):
             self.llm = vllm.LLM(model=self.model_path, **kwargs)
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        self.context_length = self.max_model_len
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -292,6 +293,9 @@ class VLLMEngine(HiddenStateEngine):
         text = self.processor.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True,
                                                   **CHAT_TEMPLATE_KWARGS)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_counter(self) -> PromptCounter:
+        return PromptCounter(self.model_path, self.family)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load `(name, tensor)` pairs, under the checkpoint's own names, into the served model (e.g. a policy's
