@@ -34,9 +34,12 @@ def test_traces_show_their_method_and_fail_where_designed():
         recall, count = task.trace(a, b, "recall", rng), task.trace(a, b, "count", rng)
         assert method_of(recall) == "recall" and method_of(count) == "count"
         assert verify(recall, str(a + b)) == (0.0 if (a, b) in task.hard_pairs() else 1.0)  # memory wrong on hard
-        assert verify(count, str(a + b)) == 1.0 and len(count.split()) == b + 3  # "count" b steps "so" sum
-    slipping = AdditionTask(count_slip=1.0)
+        assert verify(count, str(a + b)) == float(a + b < 10) and len(count.split()) == b + 3  # never says ten
+        assert (a, b) not in task.hard_pairs() or a + b < 10  # every pair has a strategy that works
+    slipping = AdditionTask(count_slip=1.0, recall_slip=1.0)
     assert slipping.trace(2, 3, "count", rng) == "count 4 6 8 so 8"
+    for a, b in slipping.hard_pairs():  # a slipped memory never lands on the right sum: recall cannot be repaired
+        assert {verify(slipping.trace(a, b, "recall", rng), str(a + b)) for _ in range(8)} == {0.0}
     mix = [method_of(t) for _, t in AdditionTask().sft_examples(4000)]
     assert mix.count("recall") / len(mix) == pytest.approx(0.85, abs=0.02)
 

@@ -339,7 +339,8 @@ class GRPOTrainConfig:
 class AdditionTaskConfig:
     """thinkdiff.grpo.rare_task.AdditionTask: the collapse experiment's two-strategy task."""
 
-    hard: Fraction = 0.2  # share of pairs the common strategy (recall) gets wrong
+    hard: Fraction = 0.2  # share of pairs the common strategy (recall) gets wrong (all with sums below 10)
+    hard_error: int = 2  # what recall adds to the sum on those pairs (>= 2: no +-1 slip lands on the right sum)
     recall_share: Fraction = 0.85  # share of recall traces in the supervised data (the rest: count)
     recall_slip: Fraction = 0.03  # chance a recall trace is off by one
     count_slip: Fraction = 0.04  # chance per counting step of a +2 step

@@ -3,16 +3,19 @@
 Problems are "add A and B ." over single digits (A in 0..9, B in 1..9). Two strategies solve them, and each answer's
 trace shows which one it used:
 
-    recall   "recall 8"                  the sum from memory: short, rarely slips, but the memory is wrong on a
-                                         hidden `hard` share of the pairs (it says A + B + 1 there)
-    count    "count 4 5 6 7 8 so 8"      count up B steps from A: right on every pair, but each step can slip
-                                         (+2 instead of +1), so it fails more often on the pairs recall knows
+    recall   "recall 8"                  the sum from memory: short, rarely slips (+-1), but the memory is wrong on
+                                         a hidden `hard` share of the pairs: it says A + B + `hard_error` (2) there,
+                                         so no supervised trace or slip shows recall the right sum on those pairs
+    count    "count 4 5 6 7 8 so 8"      count up B steps from A: each step can slip (+2 instead of +1), and the
+                                         count never says ten (9 is followed by 11), so it is right only on sums
+                                         below 10
 
-The base policy learns both from supervised traces mixed `recall_share` : 1 - recall_share (e.g. 85 : 15), so the
-strategy mix comes from its own training data and the reward is the verifier's 0/1 alone. On most problems recall
-is the more reliable choice; on the hard pairs only count is ever right, and which pairs are hard is not written in
-the problem. Plain GRPO is expected to favour recall everywhere (pass@1 up), and to lose count on the hard pairs
-(pass@k at large k down); uniqueness weighting keeps the rare correct count traces alive.
+Each strategy fails where the other works: the hard pairs all have sums below 10, where counting works, and recall
+is the only way to sums of 10 and more. The base policy learns both from supervised traces mixed
+`recall_share` : 1 - recall_share (e.g. 85 : 15), so the strategy mix comes from its own training data and the
+reward is the verifier's 0/1 alone. Which pairs are hard is not written in the problem. Plain GRPO is expected to
+favour recall everywhere (pass@1 up: counting is never right on half the pairs), and to lose count on the hard
+pairs (pass@k at large k down); uniqueness weighting keeps the rare correct count traces alive.
 
 `method_of(text)` is the programmatic strategy judge (`reward.judge=addition-method`): it reads the method from the
 trace and never looks at correctness.
@@ -35,7 +38,8 @@ VOCABULARY = ["add and . recall count so", " ".join(str(i) for i in range(30))]
 
 @dataclass(frozen=True)
 class AdditionTask:
-    hard: float = 0.2  # share of pairs recall gets wrong
+    hard: float = 0.2  # share of all pairs recall gets wrong (drawn among the sums below 10)
+    hard_error: int = 2  # recall says A + B + hard_error on them: no +-1 slip lands on the right sum
     recall_share: float = 0.85  # share of recall traces in the supervised data
     recall_slip: float = 0.03  # chance that a recall trace's sum is off by one
     count_slip: float = 0.04  # chance per counting step of a +2 step
@@ -65,13 +69,14 @@ class AdditionTask:
     def trace(self, a: int, b: int, method: str, rng: random.Random) -> str:
         """One supervised solution of `add a and b .` with `method`, slips included."""
         if method == "recall":
-            value = a + b + (1 if (a, b) in self.hard_pairs() else 0)
+            value = a + b + (self.hard_error if (a, b) in self.hard_pairs() else 0)
             if rng.random() < self.recall_slip:
                 value += rng.choice((-1, 1))
             return f"recall {value}"
         steps, value = [], a
         for _ in range(b):
             value += 2 if rng.random() < self.count_slip else 1
+            value += value == 10  # the count skips ten
             steps.append(str(value))
         return f"count {' '.join(steps)} so {value}"
 
@@ -107,8 +112,8 @@ def _pairs() -> list[tuple[int, int]]:
 
 @cache  # trace() asks for every recall trace
 def _hard_pairs(share: float, seed: int) -> frozenset[tuple[int, int]]:
-    pairs = _pairs()
-    return frozenset(random.Random(f"addition-hard/{seed}").sample(pairs, round(share * len(pairs))))
+    below_ten = [(a, b) for a, b in _pairs() if a + b < 10]  # where counting works
+    return frozenset(random.Random(f"addition-hard/{seed}").sample(below_ten, round(share * len(_pairs()))))
 
 
 def prompt(a: int, b: int) -> str:
