@@ -1,12 +1,12 @@
 """Load test of `python -m thinkdiff serve`: N concurrent clients for T seconds, a mix of short and long calls,
-against a server in this process (loopback, port 0) on the embedded tiny Llama (transformers backend).
+against a server in this process (loopback, port 0) on the embedded tiny Llama.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--long-share 0.2]
+    .venv/bin/python benchmarks/serve_load.py [--backend transformers|vllm] [--clients 16] [--seconds 20]
 
 Prints throughput (calls/s, generated tokens/s), p50/p99 latency of short and long calls, failures, whether every
 answer equals the in-process engine's, and how much one long call delays a short one that arrives while it runs
-(goal of issue 16: <= 2x the short call's own time; the server runs calls one at a time, so a short call waits
-for the long one).
+(goal of issue 16: <= 2x the short call's own time). On transformers the server runs calls one at a time, so a
+short call waits for the long one; on vLLM it joins the long one's running batch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def percentile(values, q):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--long-share", type=float, default=0.2, help="share of long calls")
@@ -44,14 +45,19 @@ def main() -> None:
     from thinkdiff.vlm.remote_engine import RemoteEngine
     from thinkdiff.vlm.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(tiny_path("llama"))
+    if args.backend == "vllm":
+        from thinkdiff.vlm.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(tiny_path("llama"), max_new_tokens=args.long_tokens)
+    else:
+        engine = TransformersEngine(tiny_path("llama"))
     kinds = {"short": SamplingConfig(max_new_tokens=args.short_tokens, min_new_tokens=args.short_tokens),
              "long": SamplingConfig(max_new_tokens=args.long_tokens, min_new_tokens=args.long_tokens)}
     prompts = [f"Describe picture {i}: a red apple {'on a wooden table ' * (i % 4)}in soft light." for i in range(8)]
     expected = {(kind, p): engine.generate([VLMRequest(p)], [-1], s, progress=False)[0]
                 for kind, s in kinds.items() for p in prompts}
 
-    with HiddenStateServer(engine, port=0, backend="transformers").start() as server:
+    with HiddenStateServer(engine, port=0, backend=args.backend).start() as server:
         RemoteEngine(server.url).generate([VLMRequest(prompts[0])], [-1], kinds["short"])  # warm-up
 
         # 1. how long a short call takes alone, and while a long call runs
@@ -95,7 +101,7 @@ def main() -> None:
                     ref = expected[(kind, prompt)]
                     same = state.output_token_ids.tolist() == ref.output_token_ids.tolist() and \
                         (state.output_embed[engine.num_layers] - ref.output_embed[engine.num_layers]).abs().max() \
-                        <= 1e-5
+                        <= 1e-4
                     if not same:
                         mismatches.append((kind, prompt))
 
@@ -105,7 +111,7 @@ def main() -> None:
         wall = time.perf_counter() - start
 
     calls = sum(len(v) for v in latencies.values())
-    print(f"tiny Llama (transformers, {args.threads} threads), {args.clients} clients x {args.seconds:g} s, "
+    print(f"tiny Llama ({args.backend}, {args.threads} threads), {args.clients} clients x {args.seconds:g} s, "
           f"{args.long_share:.0%} long calls ({args.long_tokens} tokens) among short ones ({args.short_tokens})")
     print(f"  calls answered      {calls} in {wall:.1f} s: {calls / wall:.2f} calls/s, {tokens[0] / wall:.0f} "
           "generated tokens/s")

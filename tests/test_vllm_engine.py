@@ -96,6 +96,45 @@ EOS_ANSWER = 6  # max_new_tokens of the end-of-sequence case
 SHARED_ANSWER = 8  # max_new_tokens of the shared-prefix case, which also fills the Llama engine's max_model_len
 
 
+def stream_probe(engine, requests, greedy, sampled) -> dict:
+    """Continuous batching (VLLMStream): a short call submitted while a long one decodes joins its batch and
+    finishes first; a call of prompt copies sharing KV blocks; a cancelled call leaves the batch."""
+    import time
+
+    from thinkdiff.vlm import SamplingConfig
+    from thinkdiff.vlm.vllm_stream import VLLMStream
+
+    def tuples(states):
+        return [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed) for s in states]
+
+    room = engine.max_model_len - len(engine.prompt_ids(requests[0])) - 2
+    long = SamplingConfig(max_new_tokens=min(40, room), min_new_tokens=min(40, room))
+    stream = VLLMStream(engine)
+    try:
+        long_call = stream.submit(requests[:1], LAYERS, long)
+        while stream.steps < 3:
+            time.sleep(0.001)
+        short_call = stream.submit(requests[1:], LAYERS, greedy)
+        short = short_call.result(timeout=300)
+        long_running_when_short_done = not long_call.done()
+        out = {"long_tokens": long.max_new_tokens, "long": tuples(long_call.result(timeout=300)),
+               "short": tuples(short), "long_running_when_short_done": long_running_when_short_done,
+               "shared": tuples(stream.submit(shared_prefix_requests(), LAYERS,
+                                              SamplingConfig(**{**vars(sampled), "seed": 5})).result(timeout=300))}
+        gone = stream.submit(requests[:1], [], long)
+        while stream.running == 0 and not gone.done():
+            time.sleep(0.001)
+        stream.cancel(gone)
+        deadline = time.monotonic() + 60
+        while stream.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["running_after_cancel"], out["cancelled_done"] = stream.running, gone.done()
+        out["after"] = tuples(stream.submit(requests[:1], LAYERS, greedy).result(timeout=300))
+    finally:
+        stream.close()
+    return out
+
+
 def prompt_lengths(kind, requests) -> list[int]:
     from types import SimpleNamespace
 
@@ -156,6 +195,7 @@ def run_child(out: str) -> None:
                          for s in engine.generate(requests, LAYERS, greedy)]
         if kind == "llama":
             sampled = SamplingConfig(max_new_tokens=SHARED_ANSWER, do_sample=True, temperature=1.5)
+            results["stream"] = stream_probe(engine, requests, greedy, sampled)
             runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
                     for s in (3, 3, 4)]
             results["sampled"] = [[o.output_token_ids for o in run] for run in runs]
@@ -341,6 +381,29 @@ def test_answers_ending_early_get_their_last_row(vllm_results, kind):
     reference = TransformersEngine(copy)
     for request, result in zip(cases()[kind], got, strict=True):
         close_to(reference.generate([request], LAYERS, SamplingConfig(max_new_tokens=EOS_ANSWER))[0], *result)
+
+
+def test_continuous_batching_on_vllm(vllm_results, engine):
+    """A short call arriving while a long one decodes joins the running batch and is answered first; every answer
+    keeps the states of one forward pass over its prompt + answer (the short and shared calls equal what one
+    `generate` call gives, the long one the transformers engine); a cancelled call leaves the batch."""
+    from thinkdiff.vlm import SamplingConfig
+
+    got = vllm_results["stream"]
+    assert got["long_running_when_short_done"]
+    eng, llama, n = engine("llama"), cases()["llama"], got["long_tokens"]
+    six = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+    close_to(eng.generate(llama[:1], LAYERS, SamplingConfig(max_new_tokens=n, min_new_tokens=n))[0], *got["long"][0])
+    (short,) = got["short"]
+    close_to(eng.generate(llama[1:], LAYERS, six)[0], *short)
+    for (prompt, output, input_embed, output_embed), ref in zip(got["shared"], vllm_results["shared"], strict=True):
+        # the same sampled answers as one generate call (a seed per request), the same states
+        assert torch.equal(prompt, ref[0]) and torch.equal(output, ref[1])
+        for layer in LAYERS:
+            assert (input_embed[layer] - ref[2][layer]).abs().max() <= TOL
+            assert (output_embed[layer] - ref[3][layer]).abs().max() <= TOL
+    assert got["running_after_cancel"] == 0 and got["cancelled_done"]
+    close_to(eng.generate(llama[:1], LAYERS, six)[0], *got["after"][0])
 
 
 def test_served_vllm_matches_transformers(vllm_results, engine):

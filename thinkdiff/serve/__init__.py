@@ -19,7 +19,8 @@ Endpoints:
                              "seed", "num_inference_steps", "guidance_scale"}
                     -> JSON {"created", "data": [{"b64_json": PNG}], "answer", "timings", "settings"}
 
-Calls run one at a time in arrival order (worker.py); checks happen before queueing (admission.py).
+Checks happen before any engine work (admission.py). On vLLM, calls join one continuously refilled batch
+(thinkdiff/vlm/vllm_stream.py); other engines run calls one at a time in arrival order (worker.py), never merged.
 """
 
 from .admission import ClientError, ServerLimits

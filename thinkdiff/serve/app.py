@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import json
@@ -62,6 +63,7 @@ class ThinkDiffService:
         self.worker = EngineWorker(self.limits.max_queue, stuck_after=self.limits.request_timeout * 2)
         self.metrics = ServerMetrics(lambda: self.worker.pending)
         self.counter = self.engine.prompt_counter()
+        self.stream = self.engine.continuous_batcher()  # vLLM: calls join one running batch
         self.decoding = threading.BoundedSemaphore(4)  # calls decoding images at once: bounds their memory
 
     def info(self) -> dict:
@@ -72,7 +74,9 @@ class ThinkDiffService:
                 "max_image_pixels": lim.max_image_pixels, "max_body_bytes": lim.max_body_bytes,
                 "max_new_tokens": lim.max_new_tokens, "request_timeout": lim.request_timeout,
                 "image_paths": self.allowed_image_dir is not None, "images_endpoint": self.pipeline is not None,
-                "engine": self.worker.health()}
+                "continuous_batching": self.stream is not None,
+                "engine": {**self.worker.health(),
+                           **({"running_requests": self.stream.running} if self.stream else {})}}
 
     def admit(self, requests: list[StatesRequest], sampling: SamplingConfig):
         """Decode the images and count the tokens (a worker thread, not the event loop)."""
@@ -81,21 +85,33 @@ class ThinkDiffService:
             lengths = check_context(built, sampling, self.engine, self.counter, self.limits)
         return built, lengths
 
+    async def states(self, request: Request, requests, layers, sampling):
+        """The engine's HiddenStates for one call: through the continuous batcher when the engine has one (vLLM),
+        else queued for the engine thread, one call at a time."""
+        if self.stream is None:
+            return await self.run(request, lambda: self.engine.generate(requests, layers, sampling, progress=False))
+        future = self.stream.submit(requests, layers, sampling)
+        deadline = time.monotonic() + self.limits.request_timeout
+        return await self._wait(request, future, deadline, lambda: self.stream.cancel(future))
+
     async def run(self, request: Request, work):
-        """Queue `work` for the engine and wait for it, watching the client and the deadline."""
+        """Queue `work` for the engine thread and wait for it, watching the client and the deadline."""
         job = self.worker.submit(work, self.limits.request_timeout)
-        future = asyncio.wrap_future(job.future)
+        return await self._wait(request, job.future, job.deadline, job.cancel)
+
+    async def _wait(self, request: Request, future, deadline: float, cancel):
+        waiting = asyncio.wrap_future(future)
         while True:
-            left = job.deadline - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0:
-                job.cancel()
+                cancel()
                 raise ClientError(504, f"No answer within this server's deadline of {self.limits.request_timeout:g} "
                                        "s per call.")
-            done, _ = await asyncio.wait({future}, timeout=min(0.25, left))
+            done, _ = await asyncio.wait({waiting}, timeout=min(0.25, left))
             if done:
-                return future.result()
+                return waiting.result()
             if await request.is_disconnected():
-                job.cancel()  # a call that is already running finishes; its answer is dropped
+                cancel()  # a queued call never starts; a call running on vLLM leaves the batch
                 raise _ClientGone
 
 
@@ -195,8 +211,7 @@ def create_app(service: ThinkDiffService) -> FastAPI:
             sampling = check_sampling(body.sampling, limits)
             check_counts(body.requests, service.engine, limits)
             requests, lengths = await run_in_threadpool(service.admit, body.requests, sampling)
-            states = await service.run(request, lambda: service.engine.generate(requests, layers, sampling,
-                                                                                progress=False))
+            states = await service.states(request, requests, layers, sampling)
             service.metrics.tokens.labels("prompt").inc(sum(len(s.prompt_token_ids) for s in states))
             service.metrics.tokens.labels("generated").inc(sum(len(s.output_token_ids) for s in states))
             return Response(await run_in_threadpool(encode_states, states), media_type="application/octet-stream")
@@ -220,14 +235,21 @@ def create_app(service: ThinkDiffService) -> FastAPI:
             settings = {"seed": body.seed, "num_inference_steps": body.num_inference_steps,
                         "guidance_scale": body.guidance_scale,
                         **({"width": size[0], "height": size[1]} if size else {})}
-            pipe.settings(**settings)  # bad sizes and the like are refused before queueing
-            out = await service.run(request, lambda: pipe(vlm_request.prompt, vlm_request.images,
-                                                          num_images=body.n, progress=False, **settings))
-            service.metrics.images.inc(len(out.images))
-            service.metrics.tokens.labels("generated").inc(sum(len(s.output_token_ids) for s in out.hidden_states))
-            data = await run_in_threadpool(lambda: [{"b64_json": png_base64(im)} for im in out.images])
-            return JSONResponse({"created": int(time.time()), "data": data, "answer": out.text[0],
-                                 "timings": out.timings, "settings": out.settings})
+            settings = pipe.settings(**settings)
+            # = pipe(prompt, images, ...): the VLM's states (through the batcher on vLLM), then aligner + decoder
+            sampling = dataclasses.replace(pipe.sampling, seed=settings["seed"])
+            layer = service.engine.resolve_layers([pipe.aligner.config.layer])
+            start = time.perf_counter()
+            (hs,) = await service.states(request, pipe.check_inputs(vlm_request.prompt, vlm_request.images), layer,
+                                         sampling)
+            timings = {"vlm": time.perf_counter() - start, "aligner": 0.0, "decoder": 0.0}
+            images_out = await service.run(request, lambda: pipe.decode(hs, body.n, **settings, progress=False,
+                                                                        timings=timings))
+            service.metrics.images.inc(len(images_out))
+            service.metrics.tokens.labels("generated").inc(len(hs.output_token_ids))
+            data = await run_in_threadpool(lambda: [{"b64_json": png_base64(im)} for im in images_out])
+            return JSONResponse({"created": int(time.time()), "data": data, "answer": hs.text, "timings": timings,
+                                 "settings": settings})
         return await answer("/v1/images/generations", request, handler)
 
     return app

@@ -1,5 +1,6 @@
-"""The one thread that runs the engine: calls in arrival order, one at a time, never merged (a merged call makes a
-short request wait for a long one and, through padding, can change greedy answers).
+"""The one thread that runs the engine's calls (and the decoder's, for images) in arrival order, one at a time,
+never merged: a merged call makes a short request wait for a long one and, through padding, can change greedy
+answers. (On vLLM, hidden-state calls go to the engine's continuous batcher instead: vlm/vllm_stream.py.)
 
 A call waits in the queue with a deadline. One whose client has gone is cancelled there and never reaches the
 engine; one still waiting at its deadline is answered 504 without running. `health()` tells a busy engine from a

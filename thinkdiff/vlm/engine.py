@@ -162,6 +162,12 @@ class HiddenStateEngine(abc.ABC):
         them); None when this engine cannot tell."""
         return None
 
+    def continuous_batcher(self):
+        """For a server: an object that takes over this engine and runs calls in one continuously refilled batch
+        (`submit(requests, layers, sampling) -> Future`, `cancel(future)`, `running`, `close()`), or None when
+        this engine runs one call at a time."""
+        return None
+
     @abc.abstractmethod
     def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
                  progress: bool = True) -> list[HiddenStates]:

@@ -229,64 +229,76 @@ class VLLMEngine(HiddenStateEngine):
 
     def generate(self, requests: list[VLMRequest], layers: list[int], sampling: SamplingConfig | None = None,
                  progress: bool = True) -> list[HiddenStates]:
-        from vllm import SamplingParams
-
-        from .vllm_answer_end import EXTRA_ARGS_KEY
-
         sampling = sampling or SamplingConfig()
         layers = self.resolve_layers(layers)
         self.check_requests(requests)
-        prompts = [self.prompt_ids(r) for r in requests]
-        for i, p in enumerate(prompts):
-            if len(p) + 1 >= self.max_model_len:
-                raise ConfigError(f"Request {i} has {len(p)} prompt tokens; vlm.max_model_len={self.max_model_len} "
-                                 "leaves no room for an answer. Shorten the prompt or raise vlm.max_model_len.")
-        n = sampling.max_new_tokens
-        # With layers, one token more than asked (dropped below): the step that samples it computes the row of the
-        # last kept token. An answer that ends at an end token runs one step more, to the sentinel, so that step
-        # computes the end token's row (vllm_answer_end.py). detokenize=False: decoded below, with the tokenizer.
-        end = {"end_ids": sorted(self.end_ids), "sentinel": self.sentinel, "force": bool(layers)}
-        params = [SamplingParams(max_tokens=n + 1 if layers else n, min_tokens=sampling.min_new_tokens,
-                                 temperature=sampling.temperature if sampling.do_sample else 0.0,
-                                 top_p=sampling.top_p if sampling.do_sample else 1.0,
-                                 seed=derive_seed(sampling.seed, sampling.first_index + i)
-                                 if sampling.do_sample and sampling.seed is not None
-                                 else None,
-                                 ignore_eos=bool(layers), stop_token_ids=[self.sentinel] if layers else None,
-                                 extra_args={EXTRA_ARGS_KEY: end}, detokenize=False)
-                  for i in range(len(requests))]
+        prompts = [self.checked_prompt_ids(r, i) for i, r in enumerate(requests)]
+        params = [self.sampling_params(sampling, sampling.first_index + i, bool(layers)) for i in range(len(requests))]
         if layers:  # every row is computed in this call, so the hooks see it
             self._reset_prefix_cache()
             self.llm.collective_rpc("thinkdiff_install_hooks", args=(layers, self.num_layers))
         try:
-            outputs = self.llm.generate([self._vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
+            outputs = self.llm.generate([self.vllm_prompt(p, r) for p, r in zip(prompts, requests)], params,
                                         use_tqdm=progress and len(requests) > 1)
         finally:
             if layers:
                 capture = self.llm.collective_rpc("thinkdiff_collect_hooks")[0]
-        generated = [list(o.outputs[0].token_ids) for o in outputs]
-        if layers:
-            # Ended answers close with the sentinel (dropped); the others ran to n + 1 tokens, or to max_model_len,
-            # where the last row cannot be computed within the limit, so they keep one token fewer.
-            kept = [len(g) - 1 if g and g[-1] == self.sentinel else
-                    min(n, len(g) - 1 if len(p) + len(g) >= self.max_model_len else len(g))
-                    for p, g in zip(prompts, generated)]
-        else:
-            kept = [min(n, len(g)) for g in generated]
-        answers = [torch.tensor(g[:k], dtype=torch.long) for g, k in zip(generated, kept)]
+        answers = [self.kept_answer(p, list(o.outputs[0].token_ids), sampling.max_new_tokens, bool(layers))
+                   for p, o in zip(prompts, outputs)]
         if layers:
             sequences = [list(p) + a.tolist() for p, a in zip(prompts, answers)]
             states = _assemble(capture, sequences, _ids(outputs, range(len(requests))), layers, self.hidden_size)
         else:
             states = [{} for _ in requests]
-        results = []
-        for prompt, answer, state in zip(prompts, answers, states):
-            p = len(prompt)
-            results.append(HiddenStates(
-                prompt_token_ids=torch.tensor(prompt, dtype=torch.long), output_token_ids=answer,
-                text=self.tokenizer.decode(answer, skip_special_tokens=True),
-                input_embed={k: s[:p] for k, s in state.items()}, output_embed={k: s[p:] for k, s in state.items()}))
-        return results
+        return [self.hidden_states(p, a, s) for p, a, s in zip(prompts, answers, states)]
+
+    def checked_prompt_ids(self, request: VLMRequest, index: int) -> list[int]:
+        ids = self.prompt_ids(request)
+        if len(ids) + 1 >= self.max_model_len:
+            raise ConfigError(f"Request {index} has {len(ids)} prompt tokens; vlm.max_model_len={self.max_model_len} "
+                             "leaves no room for an answer. Shorten the prompt or raise vlm.max_model_len.")
+        return ids
+
+    def hidden_states(self, prompt: list[int], answer: torch.Tensor, state: dict[int, torch.Tensor]) -> HiddenStates:
+        """One request's result from its prompt ids, kept answer and per layer [len(prompt + answer), H] rows."""
+        p = len(prompt)
+        return HiddenStates(prompt_token_ids=torch.tensor(prompt, dtype=torch.long), output_token_ids=answer,
+                            text=self.tokenizer.decode(answer, skip_special_tokens=True),
+                            input_embed={k: s[:p] for k, s in state.items()},
+                            output_embed={k: s[p:] for k, s in state.items()})
+
+    def sampling_params(self, sampling: SamplingConfig, index: int, states: bool):
+        """vLLM's parameters for request `index` of a call (its own seed). With `states`, one token more than asked
+        (dropped by `kept_answer`): the step that samples it computes the row of the last kept token. An answer that
+        ends at an end token runs one step more, to the sentinel, so that step computes the end token's row
+        (vllm_answer_end.py). detokenize=False: answers are decoded with the tokenizer."""
+        from vllm import SamplingParams
+
+        from .vllm_answer_end import EXTRA_ARGS_KEY
+
+        n = sampling.max_new_tokens
+        end = {"end_ids": sorted(self.end_ids), "sentinel": self.sentinel, "force": states}
+        return SamplingParams(max_tokens=n + 1 if states else n, min_tokens=sampling.min_new_tokens,
+                              temperature=sampling.temperature if sampling.do_sample else 0.0,
+                              top_p=sampling.top_p if sampling.do_sample else 1.0,
+                              seed=derive_seed(sampling.seed, index) if sampling.do_sample and sampling.seed is not None
+                              else None,
+                              ignore_eos=states, stop_token_ids=[self.sentinel] if states else None,
+                              extra_args={EXTRA_ARGS_KEY: end}, detokenize=False)
+
+    def kept_answer(self, prompt: list[int], generated: list[int], max_new_tokens: int, states: bool) -> torch.Tensor:
+        """The answer's tokens out of what vLLM generated with `sampling_params`: with states, an ended answer
+        closes with the sentinel (dropped); the others ran to n + 1 tokens, or to max_model_len, where the last row
+        cannot be computed within the limit, so they keep one token fewer."""
+        if states:
+            if generated and generated[-1] == self.sentinel:
+                kept = len(generated) - 1
+            else:
+                kept = min(max_new_tokens, len(generated) - 1 if len(prompt) + len(generated) >= self.max_model_len
+                           else len(generated))
+        else:
+            kept = min(max_new_tokens, len(generated))
+        return torch.tensor(generated[:kept], dtype=torch.long)
 
     def prompt_ids(self, request: VLMRequest) -> list[int]:
         """The prompt's token ids, as the transformers engine's processor makes them (one <|image|> per image)."""
@@ -296,6 +308,11 @@ class VLLMEngine(HiddenStateEngine):
 
     def prompt_counter(self) -> PromptCounter:
         return PromptCounter(self.model_path, self.family)
+
+    def continuous_batcher(self):
+        from .vllm_stream import VLLMStream
+
+        return VLLMStream(self)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load `(name, tensor)` pairs, under the checkpoint's own names, into the served model (e.g. a policy's
@@ -318,7 +335,7 @@ class VLLMEngine(HiddenStateEngine):
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running?).")
 
     @staticmethod
-    def _vllm_prompt(ids, request: VLMRequest) -> dict:
+    def vllm_prompt(ids, request: VLMRequest) -> dict:
         prompt = {"prompt_token_ids": list(ids)}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
