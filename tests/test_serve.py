@@ -617,3 +617,24 @@ def test_states_only_server_has_no_images_endpoint(serve):
 
 def post_json_to(url, path, payload):
     return call(url, "POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+
+def test_a_slow_body_gets_408_and_holds_nothing(engine, caplog):
+    """The probe's slowloris: a body shorter than its Content-Length held a thread for 120 s and ended in a 500.
+    Now the body read has its own deadline (408), and no traceback is logged."""
+    import logging
+    import socket
+
+    probe = ProbeEngine(engine("llama"))
+    with caplog.at_level(logging.INFO, logger="thinkdiff"), \
+            HiddenStateServer(probe, port=0, limits=ServerLimits(body_timeout=0.5)).start() as server:
+        u = urllib.parse.urlsplit(server.url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"requests\": ")
+            start = time.monotonic()
+            answer = sock.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 408") and time.monotonic() - start < 10, answer
+        assert_healthy(server.url)
+        assert probe.calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
