@@ -4,6 +4,7 @@ eval-cobsat, make-mini-cobsat, convert-thinkdiff, train-mini, make-mini-captions
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -81,7 +82,11 @@ def cmd_make_toy_data(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    """One process, or each process of `accelerate launch` writing its share of the shards."""
+    import dataclasses
+
     from .config import AlignTrainConfig, load_config
+    from .train.accelerator import process_state
     from .train.data import ImageCaptionDataset
     from .train.feature_cache import write_cache
     from .vlm import make_engine, sampling_from
@@ -89,10 +94,18 @@ def cmd_cache(args) -> int:
     cfg = load_config(AlignTrainConfig, args.config, args.overrides)
     if not cfg.train.cache:
         raise ConfigError("Set train.cache (the folder to write) in the config or as train.cache=DIR.")
+    state = process_state()  # 1 process unless started by `accelerate launch`
+    vlm = cfg.vlm
+    if state.num_processes > 1 and state.device.type != "cpu":  # one engine per GPU
+        vlm = dataclasses.replace(vlm, device=str(state.device))
     dataset = ImageCaptionDataset(cfg.data.source, cfg.data.prompts, seed=cfg.train.seed, limit=cfg.data.limit)
-    out = write_cache(make_engine(cfg.vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
-                      vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype)
-    print(f"Wrote {out} ({len(dataset)} samples, {len(dataset.skipped)} skipped)")
+    out = write_cache(make_engine(vlm), dataset, cfg.train.cache, cfg.layer, cfg.embed, sampling_from(cfg.vlm),
+                      vlm_name=cfg.vlm.model, shard_size=cfg.train.cache_shard_size, dtype=cfg.train.cache_dtype,
+                      rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
+    if state.is_main_process:
+        index = json.loads((out / "index.json").read_text())
+        print(f"Wrote {out} ({len(dataset)} samples on {state.num_processes} process(es), {index['unreadable']} "
+              "unreadable)")
     return 0
 
 

@@ -36,23 +36,40 @@ def requested_processes() -> int | None:
     return None
 
 
-def make_accelerator(**kwargs):
-    """`Accelerator(**kwargs)`, on the CPU process group when several processes run on a host without a GPU."""
-    from accelerate import Accelerator
-
+def _on_cpu_group() -> tuple[int, bool]:
+    """(processes launched, whether accelerate must be told to use the CPU to put them in one gloo group)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     requested = requested_processes()
     if launched == 1 and requested and requested > 1 and not torch.cuda.is_available():
         raise ConfigError(f"`accelerate launch --num_processes {requested}` started one process: on a host without a "
                          f"GPU accelerate needs --multi_gpu to start {requested} CPU processes in one gloo group "
-                         f"(`accelerate launch --multi_gpu --num_processes {requested} train.py ...`).")
-    if launched > 1 and not torch.cuda.is_available():
+                         f"(`accelerate launch --multi_gpu --num_processes {requested} ...`).")
+    return launched, launched > 1 and not torch.cuda.is_available()
+
+
+def _check(state, launched: int):
+    if state.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate sees {state.num_processes} "
+                           f"({state.distributed_type}); check your accelerate config.")
+    if state.is_main_process:
+        logger.info("%d process(es), %s, device %s", state.num_processes, state.distributed_type.value, state.device)
+    return state
+
+
+def make_accelerator(**kwargs):
+    """`Accelerator(**kwargs)`, on the CPU process group when several processes run on a host without a GPU."""
+    from accelerate import Accelerator
+
+    launched, cpu = _on_cpu_group()
+    if cpu:
         kwargs.setdefault("cpu", True)
-    accelerator = Accelerator(**kwargs)
-    if accelerator.num_processes != launched:
-        raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes} "
-                           f"({accelerator.distributed_type}); check your accelerate config.")
-    if accelerator.is_main_process:
-        logger.info("%d process(es), %s, device %s", accelerator.num_processes,
-                    accelerator.distributed_type.value, accelerator.device)
-    return accelerator
+    return _check(Accelerator(**kwargs), launched)
+
+
+def process_state():
+    """accelerate's `PartialState` (processes, devices, barriers; nothing to prepare), on the same process group
+    as `make_accelerator`: for work split over processes without training, such as the feature cache."""
+    from accelerate import PartialState
+
+    launched, cpu = _on_cpu_group()
+    return _check(PartialState(cpu=cpu), launched)

@@ -4,8 +4,10 @@
     data.jsonl   {"image": "relative/or/absolute.jpg", "caption": "..."} per line
     shards/      *.tar in WebDataset layout: members KEY.jpg|png|webp with KEY.txt or KEY.json ({"caption": ...})
 
-A sample whose image is missing or unreadable is counted, reported once with a warning, and skipped: it never
-stops a long run. Each sample gets one of the configured VLM instructions, chosen by a seeded RNG per index.
+A sample whose image is missing or unreadable is counted (`skipped`), reported once with a warning, and skipped:
+it never stops a long run. `load_many` reads the images of WebDataset shards sequentially: each shard file is opened
+once per call and its members read in the order they lie in it. Each sample gets one of the configured VLM
+instructions, chosen by a seeded RNG per index.
 """
 
 from __future__ import annotations
@@ -78,15 +80,54 @@ class ImageCaptionDataset:
 
     def load(self, index: int) -> ImageCaptionSample | None:
         """The sample at `index`, or None (counted in `skipped`) if its image cannot be read."""
-        ref, caption = self.entries[index]
+        return self.load_many([index])[0]
+
+    def load_many(self, indices: list[int]) -> list[ImageCaptionSample | None]:
+        """The samples at `indices` (None where the image cannot be read); images inside .tar shards are read with
+        one open file per shard, in their order in the file."""
+        out: dict[int, ImageCaptionSample | None] = {}
+        in_shards = sorted((i for i in indices if isinstance(self.entries[i][0], ShardMember)),
+                           key=lambda i: (str(self.entries[i][0].shard), self.entries[i][0].offset))
+        handle, handle_path = None, None
         try:
-            image = self._open(ref)
+            for i in in_shards:
+                member = self.entries[i][0]
+                if member.shard != handle_path:
+                    if handle is not None:
+                        handle.close()
+                    handle, handle_path = None, member.shard
+                    try:
+                        handle = open(member.shard, "rb")
+                    except OSError as err:
+                        out[i] = self._unreadable(i, err)
+                        continue
+                if handle is None:  # the shard could not be opened
+                    out[i] = self._unreadable(i, OSError(f"cannot open {member.shard}"))
+                else:
+                    out[i] = self._sample(i, lambda h=handle, m=member: _read_member(h, m))
+        finally:
+            if handle is not None:
+                handle.close()
+        for i in indices:
+            if i not in out:
+                out[i] = self._sample(i, lambda ref=self.entries[i][0]: Image.open(ref))
+        return [out[i] for i in indices]
+
+    def _sample(self, index: int, open_image) -> ImageCaptionSample | None:
+        try:
+            image = open_image()
+            image.load()
         except Exception as err:  # corrupt, truncated, missing: all are skipped the same way
-            if index not in self.skipped:
-                self.skipped.add(index)
-                logger.warning("Skipping sample %d (%s): %s (%d skipped so far)", index, ref, err, len(self.skipped))
-            return None
-        return ImageCaptionSample(index=index, image=image, caption=caption, prompt=self.prompt(index))
+            return self._unreadable(index, err)
+        return ImageCaptionSample(index=index, image=image.convert("RGB"), caption=self.entries[index][1],
+                                  prompt=self.prompt(index))
+
+    def _unreadable(self, index: int, err: Exception) -> None:
+        if index not in self.skipped:
+            self.skipped.add(index)
+            logger.warning("Skipping sample %d (%s): %s (%d skipped so far)", index, self.entries[index][0], err,
+                           len(self.skipped))
+        return None
 
     # --------------------------------------------------------------------------------------- sources
 
@@ -131,19 +172,14 @@ class ImageCaptionDataset:
                     entries.append((ShardMember(shard, image.name, image.offset_data, image.size), caption))
         return entries
 
-    @staticmethod
-    def _open(ref) -> Image.Image:
-        if isinstance(ref, ShardMember):  # one seek and read, without parsing the tar again
-            with open(ref.shard, "rb") as f:
-                f.seek(ref.offset)
-                data = f.read(ref.size)
-            if len(data) != ref.size:
-                raise OSError(f"{ref.shard} is truncated at member {ref.name}")
-            image = Image.open(io.BytesIO(data))
-        else:
-            image = Image.open(ref)
-        image.load()
-        return image.convert("RGB")
+
+
+def _read_member(handle, member: ShardMember) -> Image.Image:
+    handle.seek(member.offset)  # forward only: members come in file order
+    data = handle.read(member.size)
+    if len(data) != member.size:
+        raise OSError(f"{member.shard} is truncated at member {member.name}")
+    return Image.open(io.BytesIO(data))
 
 
 def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:

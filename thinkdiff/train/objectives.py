@@ -137,7 +137,7 @@ class DiffusionObjective:
         pass
 
     def loss(self, aligner, batch: list[FeatureSample], seed: int) -> torch.Tensor:
-        images = [self.dataset.load(s.index) for s in batch]
+        images = self.dataset.load_many([s.index for s in batch])
         kept = [(s, im) for s, im in zip(batch, images) if im is not None]
         states, mask = pad_states([s.embed for s, _ in kept], self.decoder.device)
         pixels = torch.stack([image_to_pixels(im.image, self.image_size) for _, im in kept])
