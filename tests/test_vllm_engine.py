@@ -12,6 +12,7 @@ for copies of one prompt (rows shared through the prefix cache); weights pushed 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -243,6 +244,7 @@ def run_child(out: str) -> None:
             results["after_error"] = engine.generate(requests[:1], [], greedy)[0].output_token_ids
             results["served"], results["concurrent"] = serve_and_ask(engine, requests, greedy)
         del engine
+        gc.collect()  # the closed server's event loop leaves the engine in reference cycles: the LLM must go now
     from thinkdiff.vlm import VLMRequest
 
     engine = VLLMEngine(tiny_path("mllama"), max_images=0)  # text-only Mllama: a decoder with prefix caching

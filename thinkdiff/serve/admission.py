@@ -139,14 +139,12 @@ def build_requests(requests: list[StatesRequest], allowed_dir: Path | None,
     return out
 
 
-def check_context(requests: list[VLMRequest], sampling: SamplingConfig, engine: HiddenStateEngine, counter,
-                  limits: ServerLimits) -> list[int]:
-    """Prompt lengths in tokens; refuses a prompt that, with `max_new_tokens`, does not fit the model's context.
-    A prompt of more characters than the limits could ever tokenise into fewer tokens is refused uncounted."""
+def check_context(requests: list[VLMRequest], sampling: SamplingConfig, engine: HiddenStateEngine, counter) -> None:
+    """Refuse a prompt that, with `max_new_tokens`, does not fit the model's context. A prompt of more characters
+    than the context could ever hold is refused uncounted."""
     context = engine.context_length
     if counter is None or context is None:
-        return []
-    lengths = []
+        return
     for i, r in enumerate(requests):
         if len(r.prompt) + len(r.system or "") > 64 * context:  # no tokeniser packs 64 characters into a token
             raise ClientError(400, f"requests[{i}]: the prompt has {len(r.prompt)} characters, far more than this "
@@ -159,5 +157,3 @@ def check_context(requests: list[VLMRequest], sampling: SamplingConfig, engine: 
             raise ClientError(400, f"requests[{i}]: the prompt is {n} tokens and max_new_tokens is "
                                    f"{sampling.max_new_tokens}; together they exceed this model's context of "
                                    f"{context} tokens (shorten the prompt or lower max_new_tokens).")
-        lengths.append(n)
-    return lengths

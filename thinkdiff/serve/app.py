@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..features import encode_states
-from ..vlm.engine import HiddenStateEngine, SamplingConfig
+from ..vlm.engine import HiddenStateEngine, SamplingConfig, VLMRequest
 from .admission import (
     ClientError,
     ServerLimits,
@@ -78,12 +78,17 @@ class ThinkDiffService:
                 "engine": {**self.worker.health(),
                            **({"running_requests": self.stream.running} if self.stream else {})}}
 
-    def admit(self, requests: list[StatesRequest], sampling: SamplingConfig):
-        """Decode the images and count the tokens (a worker thread, not the event loop)."""
+    def admit(self, requests: list[StatesRequest], sampling: SamplingConfig) -> list[VLMRequest]:
+        """Decode the images and check the prompts' lengths (a worker thread, not the event loop)."""
         with self.decoding:
             built = build_requests(requests, self.allowed_image_dir, self.limits)
-            lengths = check_context(built, sampling, self.engine, self.counter, self.limits)
-        return built, lengths
+            check_context(built, sampling, self.engine, self.counter)
+        return built
+
+    def close(self) -> None:
+        self.worker.close()
+        if self.stream is not None:
+            self.stream.close()
 
     async def states(self, request: Request, requests, layers, sampling):
         """The engine's HiddenStates for one call: through the continuous batcher when the engine has one (vLLM),
@@ -210,7 +215,7 @@ def create_app(service: ThinkDiffService) -> FastAPI:
             layers = check_layers(body.layers, service.engine)
             sampling = check_sampling(body.sampling, limits)
             check_counts(body.requests, service.engine, limits)
-            requests, lengths = await run_in_threadpool(service.admit, body.requests, sampling)
+            requests = await run_in_threadpool(service.admit, body.requests, sampling)
             states = await service.states(request, requests, layers, sampling)
             service.metrics.tokens.labels("prompt").inc(sum(len(s.prompt_token_ids) for s in states))
             service.metrics.tokens.labels("generated").inc(sum(len(s.output_token_ids) for s in states))
@@ -227,7 +232,7 @@ def create_app(service: ThinkDiffService) -> FastAPI:
             body = validate(ImagesBody, await read_json(request))
             wanted = StatesRequest(prompt=body.prompt, images=[ImageRef(base64=b) for b in body.images])
             check_counts([wanted], service.engine, limits)
-            (vlm_request,), _ = await run_in_threadpool(service.admit, [wanted], pipe.sampling)
+            (vlm_request,) = await run_in_threadpool(service.admit, [wanted], pipe.sampling)
             size = body.width_height()
             if size and size[0] * size[1] > limits.max_image_pixels:
                 raise ClientError(400, f"size {body.size} is above this server's limit of {limits.max_image_pixels} "

@@ -85,14 +85,14 @@ class HiddenStateServer:
         try:
             self._uvicorn.run()
         finally:
-            self.service.worker.close()
+            self.service.close()
 
     def close(self) -> None:
         self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
-        self.service.worker.close()
+        self.service.close()
 
     def __enter__(self):
         return self

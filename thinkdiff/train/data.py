@@ -13,6 +13,7 @@ instructions, chosen by a seeded RNG per index.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -88,25 +89,16 @@ class ImageCaptionDataset:
         out: dict[int, ImageCaptionSample | None] = {}
         in_shards = sorted((i for i in indices if isinstance(self.entries[i][0], ShardMember)),
                            key=lambda i: (str(self.entries[i][0].shard), self.entries[i][0].offset))
-        handle, handle_path = None, None
-        try:
-            for i in in_shards:
-                member = self.entries[i][0]
-                if member.shard != handle_path:
-                    if handle is not None:
-                        handle.close()
-                    handle, handle_path = None, member.shard
-                    try:
-                        handle = open(member.shard, "rb")
-                    except OSError as err:
-                        out[i] = self._unreadable(i, err)
-                        continue
-                if handle is None:  # the shard could not be opened
-                    out[i] = self._unreadable(i, OSError(f"cannot open {member.shard}"))
-                else:
-                    out[i] = self._sample(i, lambda h=handle, m=member: _read_member(h, m))
-        finally:
-            if handle is not None:
+        for shard, group in itertools.groupby(in_shards, key=lambda i: self.entries[i][0].shard):
+            try:
+                handle = open(shard, "rb")
+            except OSError as err:
+                out.update((i, self._unreadable(i, err)) for i in group)
+                continue
+            try:
+                for i in group:
+                    out[i] = self._sample(i, lambda h=handle, m=self.entries[i][0]: _read_member(h, m))
+            finally:
                 handle.close()
         for i in indices:
             if i not in out:

@@ -73,9 +73,6 @@ class LiveFeatures:
         return _extract(self.engine, self.dataset, indices, self.layer, self.embed, self.sampling, progress=False)
 
 
-SETTINGS = ("vlm", "layer", "num_layers", "embed", "dtype", "shard_size", "num_samples", "hidden_size")
-
-
 def shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard:05d}.safetensors"
 
