@@ -2,7 +2,7 @@
 
     t5/        the T5 proxy (span corruption + prefix completion on the world's texts)
     decoder/   VAE + SD1.5-style UNet on jittered drawings, conditioned on t5/'s encoder states
-    vlm/       the Mllama, on CoBSAT-format sequences and captioning examples
+    vlm/       the Mllama: vision tower pretrained on the drawings, then CoBSAT-format sequences and captioning
     captions/  jittered drawings + captions: the aligner's training data (ThinkDiff's first stage)
     aligner_features/  vlm/'s answers and generated-token states for every caption example (the feature cache)
     aligner_run/       train.py's alignment run: the t5_decoder objective on those states, t5/ frozen
@@ -32,11 +32,11 @@ from .world import caption, drawings, jittered
 logger = logging.getLogger(__name__)
 
 SCALES = {
-    "full": dict(t5_steps=1500, vae_steps=1200, pool_copies=8, decoder_steps=3000, vlm_steps=2500,
-                 caption_copies=4, aligner_steps=1500, aligner_batch=32, vlm_batch=16, decoder_batch=32,
+    "full": dict(t5_steps=1500, vae_steps=1200, pool_copies=8, decoder_steps=3000, vision_steps=3000, vlm_steps=2500,
+                 caption_copies=4, aligner_steps=3000, aligner_batch=32, vlm_batch=16, decoder_batch=32,
                  judge_steps=800),
-    "quick": dict(t5_steps=40, vae_steps=20, pool_copies=1, decoder_steps=12, vlm_steps=12, caption_copies=1,
-                  aligner_steps=16, aligner_batch=8, vlm_batch=8, decoder_batch=16, judge_steps=10),
+    "quick": dict(t5_steps=40, vae_steps=20, pool_copies=1, decoder_steps=12, vision_steps=8, vlm_steps=12,
+                  caption_copies=1, aligner_steps=16, aligner_batch=8, vlm_batch=8, decoder_batch=16, judge_steps=10),
 }
 
 
@@ -68,7 +68,7 @@ def aligner_config(out: Path, steps: int, batch_size: int, seed: int = 0) -> Ali
         **pipeline_sections(out), "layer": -1, "embed": "output",
         "objective": {"name": "t5_decoder", "t5_model": str(out / "t5")},
         "data": {"source": str(out / "captions"), "prompts": list(THINKDIFF_PROMPTS)},
-        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, steps // 20)},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": max(1, steps // 20)},
         "train": {"output_dir": str(out / "aligner_run"), "max_steps": steps, "batch_size": batch_size,
                   "checkpoint_every": 0, "log_every": 10, "seed": seed, "overwrite": True,
                   "cache": str(out / "aligner_features"), "cache_dtype": "float32"}})
@@ -112,8 +112,8 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
                              batch_size=s["decoder_batch"], seed=seed, progress=progress)[1]
 
     stage("decoder", decoder)
-    stage("vlm", lambda: train_vlm(out / "vlm", steps=s["vlm_steps"], batch_size=s["vlm_batch"], seed=seed,
-                                   progress=progress)[1])
+    stage("vlm", lambda: train_vlm(out / "vlm", steps=s["vlm_steps"], batch_size=s["vlm_batch"],
+                                   vision_steps=s["vision_steps"], seed=seed, progress=progress)[1])
 
     def aligner():
         from ..train.align import train_aligner

@@ -3,8 +3,12 @@ word-level vocabulary over the world) trained from nothing to answer CoBSAT-form
 instruction, `Word i: x, <image>` items, 1 to 5 shots) with the description of the next image, e.g.
 "Create an image of a green car." (ThinkDiff's Qwen2-VL, in miniature).
 
-Prompts go through the processor's chat template exactly as the engines render them; the loss covers the answer
-and its end token only. Training sequences come from world.training_sequences (no CoBSAT evaluation sample).
+Two stages, as real VLMs are built: the vision tower is first pretrained alone to name each drawing's detail and
+object (real VLMs start from a CLIP-pretrained tower; trained only through the language loss, this one learnt the
+colours but not the ten shapes: 29% of objects after 800 steps, 88% after 3,000 of this pretraining), then the whole
+Mllama learns the answers. Prompts go through the processor's chat template exactly as the engines render them; the
+loss covers the answer and its end token only. Training sequences come from world.training_sequences (no CoBSAT
+evaluation sample).
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from ..eval.cobsat import ITEM_DICT, TASKS, THINKDIFF_INSTRUCTION, word
 from ..vlm.engine import CHAT_TEMPLATE_KWARGS, VLMRequest
 from .optim import OneCycleAdamW
 from .tokenizer import word_level_tokenizer
-from .world import Captioning, captioning_examples, jittered, training_sequences, world_vocabulary_texts
+from .world import (
+    Captioning,
+    captioning_examples,
+    drawing_labels,
+    drawings,
+    jittered,
+    training_sequences,
+    world_vocabulary_texts,
+)
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_0|>"]
@@ -99,16 +111,47 @@ def training_batch(processor, sequences, rng: np.random.Generator):
     return enc
 
 
+def pretrain_vision(model, processor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                    progress: bool = True) -> list[float]:
+    """Train the vision tower and the multimodal projector to name every jittered drawing's detail (50 classes) and
+    object (20) from its mean projected patch state (linear heads, discarded afterwards); returns the loss per
+    step."""
+    world = drawings()
+    labels = torch.tensor([drawing_labels(*d) for d in world])  # [500, 2]: detail class, object class
+    width = model.config.text_config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = torch.nn.ModuleList([torch.nn.Linear(width, int(labels[:, 0].max()) + 1),
+                                     torch.nn.Linear(width, int(labels[:, 1].max()) + 1)])
+    vision, projector = model.model.vision_model, model.model.multi_modal_projector
+    optim = OneCycleAdamW([*vision.parameters(), *projector.parameters(), *heads.parameters()], lr, steps,
+                          weight_decay=0.01)
+    rng, order = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="mini VLM vision", disable=not progress):
+        picks = torch.randint(len(world), (batch_size,), generator=order)
+        pixels = processor.image_processor([[jittered(*world[i], rng)] for i in picks.tolist()], return_tensors="pt")
+        states = vision(pixel_values=pixels["pixel_values"], aspect_ratio_ids=pixels["aspect_ratio_ids"],
+                        aspect_ratio_mask=pixels["aspect_ratio_mask"]).last_hidden_state
+        pooled = projector(states)[:, 0, 0].mean(1)  # the drawing's one tile: [B, patches + 1, width] -> [B, width]
+        loss = sum(torch.nn.functional.cross_entropy(head(pooled), labels[picks, i]) for i, head in enumerate(heads))
+        losses.append(optim.step(loss))
+    return losses
+
+
 def train_vlm(out_dir: str | Path, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, captioning: float = 0.25,
-              seed: int = 0, progress: bool = True) -> tuple[Path, list[float]]:
-    """Build and train the miniature Mllama on CoBSAT-format sequences, with a `captioning` share of single-drawing
-    captioning examples (what the aligner's first stage feeds it); saves it (safetensors + processor) to
-    `out_dir`."""
+              vision_steps: int = 3000, seed: int = 0, progress: bool = True) -> tuple[Path, list[float]]:
+    """Build the miniature Mllama, pretrain its vision tower (`vision_steps`), then train it on CoBSAT-format
+    sequences with a `captioning` share of single-drawing captioning examples (what the aligner's first stage feeds
+    it); saves it (safetensors + processor) to `out_dir`. Returns the folder and the language loss per step."""
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
     out_dir = build_mllama(out_dir, seed)
     processor = AutoProcessor.from_pretrained(str(out_dir))
     model = MllamaForConditionalGeneration.from_pretrained(str(out_dir)).train()
+    if vision_steps:
+        vision_losses = pretrain_vision(model, processor, vision_steps, seed=seed, progress=progress)
+        (out_dir / "vision_losses.txt").write_text("".join(f"{x:.6f}\n" for x in vision_losses))
     optim = OneCycleAdamW(model.parameters(), lr, steps, weight_decay=0.01)
     total = steps * batch_size
     captions = round(captioning * total)

@@ -66,6 +66,15 @@ def drawings() -> list[tuple[str, str, str]]:
     return [(t, d, o) for t in TASK_TYPES for o in ITEM_DICT[t.split("_")[1]] for d in ITEM_DICT[t.split("_")[0]]]
 
 
+def drawing_labels(task_type: str, detail: str, obj: str) -> tuple[int, int]:
+    """(detail class in 0..49, object class in 0..19) of a drawing: the five themes' details in TASK_TYPES order,
+    then objects before animals."""
+    detail_space, obj_space = task_type.split("_")
+    themes = [t.split("_")[0] for t in TASK_TYPES]
+    return (10 * themes.index(detail_space) + ITEM_DICT[detail_space].index(detail),
+            10 * ("object", "animal").index(obj_space) + ITEM_DICT[obj_space].index(obj))
+
+
 def jittered(task_type: str, detail: str, obj: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """A drawing with mild random variation: shifted by up to 3 px, scaled by 0.92-1.08, colours moved by up to 8
     levels; the background fills what the shift uncovers."""
@@ -172,5 +181,5 @@ def training_sequences(count: int, seed: int = 0, shots: tuple[int, ...] = (1, 2
 
 
 __all__ = ["ACTION_PHRASES", "NUM_PROMPTS", "PLACE_PHRASES", "Captioning", "Sequence", "answer", "caption",
-           "captioning_examples", "drawings",
+           "captioning_examples", "drawing_labels", "drawings",
            "evaluation_keys", "jittered", "training_sequences", "world_vocabulary_texts"]
