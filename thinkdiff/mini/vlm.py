@@ -5,10 +5,10 @@ instruction, `Word i: x, <image>` items, 1 to 5 shots) with the description of t
 
 Two stages, as real VLMs are built: the vision tower is first pretrained alone to name each drawing's detail and
 object (real VLMs start from a CLIP-pretrained tower; trained only through the language loss, this one learnt the
-colours but not the ten shapes: 29% of objects after 800 steps, 88% after 3,000 of this pretraining), then the whole
-Mllama learns the answers. Prompts go through the processor's chat template exactly as the engines render them; the
-loss covers the answer and its end token only. Training sequences come from world.training_sequences (no CoBSAT
-evaluation sample).
+colours but not the ten shapes; in a probe this pretraining named 29% of objects after 800 steps, 88% after
+3,000), then the whole Mllama learns the answers. Prompts go through the processor's chat template exactly as the
+engines render them; the loss covers the answer and its end token only. Training sequences come from
+world.training_sequences (no CoBSAT evaluation sample).
 """
 
 from __future__ import annotations
