@@ -137,3 +137,40 @@ def test_flux_empty_prompt_pooled_is_clip_of_empty_string(tiny):
     assert torch.equal(cond.pooled_prompt_embeds, expected.expand(2, -1))
     with pytest.raises(ValueError, match="needs FLUX's CLIP text encoder"):
         FluxDecoder.from_pretrained(tiny("flux")).set_empty_prompt_pooled()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_sd15_latent_loss_is_diffusers_target_with_min_snr_weights(tiny, prediction):
+    """SD15's training loss equals a hand computation: add noise at the generators' timesteps, the scheduler's
+    target, and Min-SNR-5 weights in that target's units."""
+    from diffusers import DDPMScheduler
+
+    dec = DECODERS["sd15"].from_pretrained(tiny("sd15"))
+    dec.pipe.scheduler.register_to_config(prediction_type=prediction)
+    tokens, x0 = torch.randn(2, 4, 768), torch.randn(2, 4, 8, 8)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    with torch.no_grad():
+        plain, weighted = dec.latent_loss(tokens, None, x0, gens()), dec.latent_loss(tokens, None, x0, gens(), 5.0)
+
+        sched = DDPMScheduler.from_config(dec.pipe.scheduler.config)
+        noise, t = [], []
+        for g in gens():  # diffusers' randn_tensor draws each row's noise from its generator, then its timestep
+            noise.append(torch.randn((1, 4, 8, 8), generator=g))
+            t.append(torch.randint(0, 1000, (1,), generator=g))
+        noise, t = torch.cat(noise), torch.cat(t)
+        target = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[prediction]
+        pred = dec.pipe.unet(sched.add_noise(x0, noise, t), t, tokens).sample
+        per_row = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        alpha_bar = sched.alphas_cumprod[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1),
+                  "sample": snr.clamp(max=5)}[prediction]
+    torch.testing.assert_close(plain, per_row.mean())
+    torch.testing.assert_close(weighted, (per_row * weight).mean())
+
+
+def test_sd15_latent_loss_names_the_prediction_types_it_knows(tiny):
+    dec = DECODERS["sd15"].from_pretrained(tiny("sd15"))
+    dec.pipe.scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="epsilon.*v_prediction.*sample"):
+        dec.latent_loss(torch.randn(1, 4, 768), None, torch.randn(1, 4, 8, 8), [torch.Generator().manual_seed(0)])

@@ -22,9 +22,11 @@ class SD15Decoder(Decoder):
         return self.pipe.unet.config.cross_attention_dim
 
     def latent_loss(self, tokens, mask, x0, generators, snr_gamma: float | None = None):
-        """Noise prediction (epsilon or v), as diffusers' examples/text_to_image/train_text_to_image.py, including
-        its `--snr_gamma` option: Min-SNR-gamma loss weights (Hang et al. 2023), which train the high-noise steps
-        that decide an image's content harder than plain MSE does."""
+        """The scheduler's prediction target (epsilon, v or the clean latent, "sample") as diffusers'
+        examples/text_to_image/train_text_to_image.py, including its `--snr_gamma` option: Min-SNR-gamma loss
+        weights (Hang et al. 2023), expressed for each target (epsilon min(snr, g) / snr, v min(snr, g) / (snr + 1),
+        sample min(snr, g)), which train the high-noise steps that decide an image's content harder than plain MSE
+        on epsilon does."""
         from diffusers import DDPMScheduler
         from diffusers.training_utils import compute_snr
         from diffusers.utils.torch_utils import randn_tensor
@@ -37,13 +39,21 @@ class SD15Decoder(Decoder):
         timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
                                for g in generators]).to(x0.device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        v_prediction = scheduler.config.prediction_type == "v_prediction"
-        target = scheduler.get_velocity(x0, noise, timesteps) if v_prediction else noise
+        prediction = scheduler.config.prediction_type
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, timesteps)
+        elif prediction == "sample":
+            target = x0
+        else:
+            raise ValueError(f"Unknown prediction_type {prediction!r}: use 'epsilon', 'v_prediction' or 'sample'.")
         pred = self.pipe.unet(noisy, timesteps, cond.prompt_embeds, return_dict=False)[0]
         if snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
         snr = compute_snr(scheduler, timesteps)
-        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
+        clamped = torch.clamp(snr, max=snr_gamma)
+        weights = {"epsilon": clamped / snr, "v_prediction": clamped / (snr + 1), "sample": clamped}[prediction]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 
