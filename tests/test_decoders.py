@@ -148,13 +148,16 @@ def test_sd15_latent_loss_is_diffusers_target_with_min_snr_weights(tiny, predict
     dec = DECODERS["sd15"].from_pretrained(tiny("sd15"))
     dec.pipe.scheduler.register_to_config(prediction_type=prediction)
     tokens, x0 = torch.randn(2, 4, 768), torch.randn(2, 4, 8, 8)
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (3, 4)]
+
     with torch.no_grad():
         plain, weighted = dec.latent_loss(tokens, None, x0, gens()), dec.latent_loss(tokens, None, x0, gens(), 5.0)
 
         sched = DDPMScheduler.from_config(dec.pipe.scheduler.config)
         noise, t = [], []
-        for g in gens():  # diffusers' randn_tensor draws each row's noise from its generator, then its timestep
+        for g in gens():  # each row's generator gives its noise (diffusers' randn_tensor), then its timestep
             noise.append(torch.randn((1, 4, 8, 8), generator=g))
             t.append(torch.randint(0, 1000, (1,), generator=g))
         noise, t = torch.cat(noise), torch.cat(t)
