@@ -103,16 +103,20 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
     T5's width as its conditioning and draws from T5 states."""
     from thinkdiff.config import DecoderConfig
     from thinkdiff.decoders import load_decoder
-    from thinkdiff.mini.decoder import drawing_pool, t5_states, train_decoder, train_vae
+    from thinkdiff.mini.decoder import drawing_pool, exact_drawings, t5_states, train_decoder, train_vae
     from thinkdiff.mini.t5 import train_t5
 
     t5, _ = train_t5(tmp_path / "t5", steps=40, batch_size=32, progress=False)
-    pixels, index = drawing_pool(1)
+    pixels, _ = drawing_pool(1)
     assert pixels.shape == (500, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
+    # The UNet's pictures are CoBSAT's own drawings, one per caption, in the world's order.
+    exact = exact_drawings()
+    for i in (0, 137, 499):
+        reference = torch.from_numpy(np.asarray(draw(*drawings()[i], 64), dtype=np.float32)) / 127.5 - 1.0
+        torch.testing.assert_close(exact[i], reference.permute(2, 0, 1), rtol=0, atol=0)
     vae, vae_losses = train_vae(pixels, steps=30, progress=False)
     assert np.mean(vae_losses[-5:]) < 0.5 * vae_losses[0]
-    out, losses = train_decoder(tmp_path / "decoder", t5, pixels, index, vae, steps=24, batch_size=16,
-                                progress=False)
+    out, losses = train_decoder(tmp_path / "decoder", t5, vae, steps=24, batch_size=16, progress=False)
     assert np.mean(losses[-6:]) < np.mean(losses[:3])
     decoder = load_decoder(DecoderConfig(family="sd15", model=str(out)))
     assert decoder.conditioning_dim == 128
@@ -128,6 +132,7 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     assert isinstance(pipe.text_encoder, T5EncoderModel)
+    assert pipe.scheduler.config.prediction_type == "sample"  # the UNet predicts the clean latent
     ids = AutoTokenizer.from_pretrained(str(t5))("a green car", padding="max_length", max_length=16).input_ids
     with torch.no_grad():
         reference = pipe.text_encoder(torch.tensor([ids])).last_hidden_state

@@ -1,7 +1,7 @@
 """`python -m thinkdiff train-mini OUT_DIR`: the whole miniature, from nothing, stage by stage.
 
     t5/        the T5 proxy (span corruption + prefix completion on the world's texts)
-    decoder/   VAE + SD1.5-style UNet on jittered drawings, conditioned on t5/'s encoder states
+    decoder/   VAE on jittered drawings + SD1.5-style UNet on the exact ones, conditioned on t5/'s encoder states
     vlm/       the Mllama: vision tower pretrained on the drawings, then CoBSAT-format sequences and captioning
     captions/  jittered drawings + captions: the aligner's training data (ThinkDiff's first stage)
     aligner_features/  vlm/'s answers and generated-token states for every caption example (the feature cache)
@@ -105,10 +105,10 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
     stage("t5", lambda: train_t5(out / "t5", steps=s["t5_steps"], seed=seed, progress=progress)[1])
 
     def decoder():
-        pixels, index = drawing_pool(s["pool_copies"], seed)
+        pixels, _ = drawing_pool(s["pool_copies"], seed)
         vae, vae_losses = train_vae(pixels, steps=s["vae_steps"], seed=seed, progress=progress)
         (out / "losses" / "vae.txt").write_text("".join(f"{x:.6f}\n" for x in vae_losses))
-        return train_decoder(out / "decoder", out / "t5", pixels, index, vae, steps=s["decoder_steps"],
+        return train_decoder(out / "decoder", out / "t5", vae, steps=s["decoder_steps"],
                              batch_size=s["decoder_batch"], seed=seed, progress=progress)[1]
 
     stage("decoder", decoder)
