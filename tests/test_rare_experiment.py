@@ -36,6 +36,10 @@ def test_traces_show_their_method_and_fail_where_designed():
         assert verify(recall, str(a + b)) == (0.0 if (a, b) in task.hard_pairs() else 1.0)  # memory wrong on hard
         assert verify(count, str(a + b)) == float(a + b < 10) and len(count.split()) == b + 3  # never says ten
         assert (a, b) not in task.hard_pairs() or a + b < 10  # every pair has a strategy that works
+    tens = AdditionTask(count_slip=0.0, count_skips_ten=False)  # counting that says ten is right everywhere
+    for a, b in tens.pairs():
+        count = tens.trace(a, b, "count", rng)
+        assert verify(count, str(a + b)) == 1.0 and count.split()[1:-2] == [str(a + i) for i in range(1, b + 1)]
     slipping = AdditionTask(count_slip=1.0, recall_slip=1.0)
     assert slipping.trace(2, 3, "count", rng) == "count 4 6 8 so 8"
     for a, b in slipping.hard_pairs():  # a slipped memory never lands on the right sum: recall cannot be repaired

@@ -344,6 +344,7 @@ class AdditionTaskConfig:
     recall_share: Fraction = 0.85  # share of recall traces in the supervised data (the rest: count)
     recall_slip: Fraction = 0.03  # chance a recall trace is off by one
     count_slip: Fraction = 0.04  # chance per counting step of a +2 step
+    count_skips_ten: bool = True  # counting never says ten: right only on sums below 10
     heldout: Fraction = 1 / 3  # share of pairs kept out of GRPO for evaluation
     seed: int = 0
 

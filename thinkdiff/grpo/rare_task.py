@@ -8,7 +8,7 @@ trace shows which one it used:
                                          so no supervised trace or slip shows recall the right sum on those pairs
     count    "count 4 5 6 7 8 so 8"      count up B steps from A: each step can slip (+2 instead of +1), and the
                                          count never says ten (9 is followed by 11), so it is right only on sums
-                                         below 10
+                                         below 10 (`count_skips_ten=False`: it says ten, right but for its slips)
 
 Each strategy fails where the other works: the hard pairs all have sums below 10, where counting works, and recall
 is the only way to sums of 10 and more. The base policy learns both from supervised traces mixed
@@ -43,6 +43,7 @@ class AdditionTask:
     recall_share: float = 0.85  # share of recall traces in the supervised data
     recall_slip: float = 0.03  # chance that a recall trace's sum is off by one
     count_slip: float = 0.04  # chance per counting step of a +2 step
+    count_skips_ten: bool = True  # the count goes 9, 11: right only on sums below 10 (False: right everywhere)
     heldout: float = 1 / 3  # share of pairs held out of GRPO training, for evaluation
     seed: int = 0
 
@@ -76,7 +77,8 @@ class AdditionTask:
         steps, value = [], a
         for _ in range(b):
             value += 2 if rng.random() < self.count_slip else 1
-            value += value == 10  # the count skips ten
+            if self.count_skips_ten and value == 10:
+                value += 1
             steps.append(str(value))
         return f"count {' '.join(steps)} so {value}"
 
