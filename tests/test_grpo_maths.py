@@ -113,3 +113,37 @@ def test_pass_at_k_closed_form():
     assert auc_at_k(curve, 1) == pytest.approx(0.70)
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
+
+
+class KeyedCoinEngine:
+    """A stand-in policy that samples as our engines do: request i of a call draws from the generator keyed by
+    (seed, first_index + i); it answers "1" (right) or "0" with probability 1/2."""
+
+    def generate(self, requests, layers, sampling, progress=False):
+        from types import SimpleNamespace
+
+        from thinkdiff.rng import generator
+
+        return [SimpleNamespace(text=str(torch.randint(2, (1,), generator=generator(sampling.seed,
+                                                                                    sampling.first_index + i)).item()))
+                for i in range(len(requests))]
+
+
+def test_passk_samples_are_independent_across_problems():
+    """Sample j of problem i is keyed (seed, i * n + j): the same prompt asked as two problems gets other samples,
+    each problem's samples are those of a direct call at its first index, and pass@1 estimates the coin's 1/2."""
+    from thinkdiff.grpo.evaluate import evaluate_passk
+    from thinkdiff.grpo.problems import Problem
+    from thinkdiff.grpo.verifiers import get_verifier
+    from thinkdiff.vlm import SamplingConfig, VLMRequest
+
+    engine, n, verify = KeyedCoinEngine(), 16, get_verifier("numeric")
+    sampling = SamplingConfig(do_sample=True, seed=3)
+    problems = [Problem(f"p{i}", "toss", "1") for i in range(40)]
+    correct = evaluate_passk(engine, problems, n, sampling, keep_correct=True, progress=False)["correct"]
+    for i in (0, 1, 39):
+        direct = engine.generate([VLMRequest("toss")] * n, [], SamplingConfig(do_sample=True, seed=3,
+                                                                             first_index=i * n))
+        assert correct[i] == [verify(o.text, "1") > 0 for o in direct]
+    assert correct[0] != correct[1]
+    assert sum(map(sum, correct)) / (40 * n) == pytest.approx(0.5, abs=0.06)

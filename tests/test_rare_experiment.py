@@ -79,7 +79,9 @@ def test_rare_experiment_quick_writes_every_method_and_resumes(tmp_path):
         assert len(curve) == n and all(x <= y + 1e-12 for x, y in zip(curve, curve[1:]))  # pass@k rises with k
         seed = summary["per_seed"][method]["0"]
         assert seed["pass@1"] == pytest.approx(curve[0]) and seed[f"pass@{n}"] == pytest.approx(curve[-1])
-        assert 1.0 <= summary["strategies"][method] <= 3.0
+        # each problem with a right answer has 1 to 3 methods among them (recall, count, other); pass@n is the share
+        # of problems with one
+        assert curve[-1] - 1e-9 <= summary["strategies"][method] <= 3.0
     for method in ("grpo", "rare-0.5", "rare-1"):  # each trained from the one base, for the configured steps
         log = [json.loads(line) for line in (out / method / "seed-0" / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [1, 2, 3]

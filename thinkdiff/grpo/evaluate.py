@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -33,10 +34,13 @@ def evaluate_passk(engine, problems, n: int, sampling: SamplingConfig, clusterer
                    progress: bool = True) -> dict:
     """n samples per problem -> pass@k (k = 1..n, unbiased estimator), AUC@n, mean distinct strategy clusters
     among each problem's correct answers (when a clusterer is given); `keep_correct`: also each sample's verdict
-    (`correct`, [problems][n])."""
+    (`correct`, [problems][n]). Sample j of problem i draws from the generator keyed by (seed, first_index + i * n + j):
+    independent across problems as across samples (keys shared by every problem would make all problems take the same
+    random choices, e.g. the same strategy in the same samples)."""
     correct, clusters = [], []
-    for problem in tqdm(problems, desc="pass@k", unit="problem", disable=not progress):
-        outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], sampling, progress=False)
+    for i, problem in enumerate(tqdm(problems, desc="pass@k", unit="problem", disable=not progress)):
+        keyed = dataclasses.replace(sampling, first_index=sampling.first_index + i * n)
+        outs = engine.generate([VLMRequest(problem.prompt, problem.images)] * n, [], keyed, progress=False)
         verify = get_verifier(problem.verifier)
         ok = [verify(o.text, problem.answer) > 0 for o in outs]
         correct.append(ok)
