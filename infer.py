@@ -2,7 +2,7 @@
 
     python infer.py                                   # tiny offline default on a 2-shot CoBSAT prompt
     python infer.py --config configs/llama32_vision_flux.yaml --prompt "..." --image a.png --image b.png
-    python infer.py --config configs/mini.yaml        # the trained miniature (assets/mini, once shipped)
+    python infer.py --config configs/mini.yaml        # the trained miniature in assets/mini (not yet right)
     python infer.py decoder.num_inference_steps=4 vlm.max_new_tokens=8    # any config key, key.sub=value
 """
 
