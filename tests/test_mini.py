@@ -107,7 +107,7 @@ def test_mini_decoder_trains_on_t5_states_and_loads_as_sd15(tmp_path):
     from thinkdiff.mini.t5 import train_t5
 
     t5, _ = train_t5(tmp_path / "t5", steps=40, batch_size=32, progress=False)
-    pixels, _ = drawing_pool(1)
+    pixels = drawing_pool(1)
     assert pixels.shape == (500, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
     # The UNet's pictures are CoBSAT's own drawings, one per caption, in the world's order.
     exact = exact_drawings()

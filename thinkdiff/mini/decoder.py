@@ -32,23 +32,22 @@ from .world import answer, caption, drawings, jittered
 LATENT_SCALE = 0.5  # scaling_factor: latents of about unit variance for the UNet (set from the trained VAE)
 
 
-def drawing_pool(copies: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, list[int]]:
-    """`copies` jittered versions of each of the 500 drawings as pixels in [-1, 1] [N, 3, size, size], and the
-    index (into `drawings()`) of each."""
+def to_pixels(images) -> torch.Tensor:
+    """RGB drawings (PIL, H x W) -> pixels in [-1, 1] [N, 3, H, W] float32."""
+    arrays = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def drawing_pool(copies: int, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """`copies` jittered versions of each of the 500 drawings, in `drawings()` order per copy, as pixels in [-1, 1]
+    [500 * copies, 3, size, size]: the VAE's training data."""
     rng = np.random.default_rng(seed)
-    images, index = [], []
-    for _ in range(copies):
-        for i, d in enumerate(drawings()):
-            images.append(np.asarray(jittered(*d, rng, size), dtype=np.float32))
-            index.append(i)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return pixels, index
+    return to_pixels([jittered(*d, rng, size) for _ in range(copies) for d in drawings()])
 
 
 def exact_drawings(size: int = 64) -> torch.Tensor:
     """The 500 drawings of `drawings()` as CoBSAT lays them out (no jitter), pixels in [-1, 1] [500, 3, size, size]."""
-    images = np.stack([np.asarray(draw(*d, size), dtype=np.float32) for d in drawings()])
-    return torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return to_pixels([draw(*d, size) for d in drawings()])
 
 
 def build_vae(channels: tuple[int, ...] = (16, 32, 32)):

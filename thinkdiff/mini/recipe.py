@@ -105,7 +105,7 @@ def train_mini(out_dir: str | Path, quick: bool = False, seed: int = 0, progress
     stage("t5", lambda: train_t5(out / "t5", steps=s["t5_steps"], seed=seed, progress=progress)[1])
 
     def decoder():
-        pixels, _ = drawing_pool(s["pool_copies"], seed)
+        pixels = drawing_pool(s["pool_copies"], seed)
         vae, vae_losses = train_vae(pixels, steps=s["vae_steps"], seed=seed, progress=progress)
         (out / "losses" / "vae.txt").write_text("".join(f"{x:.6f}\n" for x in vae_losses))
         return train_decoder(out / "decoder", out / "t5", vae, steps=s["decoder_steps"],
