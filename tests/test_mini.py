@@ -59,7 +59,7 @@ def test_span_corruption_hides_words_behind_sentinels():
     assert 0 < len(hidden) <= 6 and target[0] == source[source.index(target[0])] == 1000
 
 
-def test_t5_training_examples_cover_three_tasks_and_truncation_reads_a_prefix_of_the_whole_text():
+def test_t5_training_examples_cover_three_tasks_and_reconstruction_writes_the_whole_text():
     import random
 
     from thinkdiff.mini.t5 import training_example
@@ -67,17 +67,16 @@ def test_t5_training_examples_cover_three_tasks_and_truncation_reads_a_prefix_of
     ids, sentinels, rng = list(range(10, 18)), [1000, 1001, 1002, 1003], random.Random(0)
     kinds = set()
     for _ in range(300):
-        source, target, k = training_example(ids, rng, sentinels)
+        source, target = training_example(ids, rng, sentinels)
         if any(t in sentinels for t in source):
             kinds.add("span")
-            assert k == len(source) + 1  # the decoder reads every state, </s> included
         elif source == ids:
-            kinds.add("truncated")
-            assert 1 <= k <= len(ids) and target == ids[k:]  # reads states 0..k-1 of the whole text, writes the rest
+            kinds.add("reconstruction")
+            assert target == ids  # the encoder reads the whole text and the decoder writes all of it back
         else:
             kinds.add("prefix")
-            assert source + target == ids and k == len(source) + 1
-    assert kinds == {"span", "truncated", "prefix"}
+            assert source + target == ids and 1 <= len(source) < len(ids)
+    assert kinds == {"span", "reconstruction", "prefix"}
 
 
 def test_mini_t5_learns_and_loads_as_the_objective_s_proxy(tmp_path):
