@@ -8,9 +8,9 @@ Why this family: its UNet keeps attention at the low resolutions only (8x8 and 4
 (so it encodes any drawing); the UNet learns through our own `SD15Decoder.latent_loss` on the latents of the 500
 exact drawings, one per caption as the world has, predicting the clean latent (`prediction_type="sample"`, plain
 MSE). Measured from the T5 states of the world's answers (oracle judge, two sets of 50 drawings, 20 DDIM steps):
-0.94 and 1.00 drawn right after 3,000 steps on the T5 with reconstruction, 0.46 and 0.44 on the T5 without it (whose
-states kept animals apart by 0.17), 0.20 and 0.14 for the noise target on jittered drawings (README, "ThinkDiff in
-miniature"). Conditioning is dropped for 10% of samples (zeros: the decoder's
+0.94 and 1.00 drawn right after 3,000 steps on the T5 with reconstruction, 0.46 and 0.44 on the T5 without it
+(sixth session; its states kept animals 0.17 apart), 0.20 and 0.14 for the noise target on jittered drawings
+(README, "ThinkDiff in miniature"). Conditioning is dropped for 10% of samples (zeros: the decoder's
 classifier-free-guidance negatives). Aligned tokens land near the T5 encoder's outputs at best, so every sample's
 states get Gaussian noise of a standard deviation drawn uniformly from [0, state_noise] (the states' own is ~0.85 per
 channel).
