@@ -69,3 +69,41 @@ def test_library_code_never_seeds_the_global_rng():
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(tmp + "/t5", "t5")
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_per_request_sampler_draws_each_row_from_its_own_distribution():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T) after top-p, zero-probability tokens never come,
+    and a row's token depends on its own generator only (not on the other rows of the batch)."""
+    from thinkdiff.vlm.transformers_engine import PerRequestSampler
+
+    probs = torch.tensor([0.1, 0.0, 0.3, 0.6])
+    logits = probs.clamp_min(1e-30).log()[None]
+    n = 20_000
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    chosen = PerRequestSampler(generators)(None, logits.repeat(n, 1)).argmax(-1)
+    freq = torch.bincount(chosen, minlength=4) / n
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    # temperature 0.5 squares the probabilities; top-p 0.5 then keeps only the largest (0.6^2 / 0.46 = 0.78)
+    chosen = PerRequestSampler(generators[:2000], temperature=0.5, top_p=0.5)(
+        torch.zeros(2000, 1, dtype=torch.long), logits.repeat(2000, 1)).argmax(-1)
+    assert set(chosen.tolist()) == {3}
+    sharp = PerRequestSampler([torch.Generator().manual_seed(i) for i in range(n)], temperature=0.5)(
+        None, logits.repeat(n, 1)).argmax(-1)
+    torch.testing.assert_close(torch.bincount(sharp, minlength=4) / n, probs**2 / (probs**2).sum(), atol=0.015, rtol=0)
+    alone = PerRequestSampler([torch.Generator().manual_seed(7)])(None, logits).argmax(-1)
+    batched = PerRequestSampler([torch.Generator().manual_seed(3), torch.Generator().manual_seed(7)])(
+        None, logits.repeat(2, 1)).argmax(-1)
+    assert alone.item() == batched[1].item()
+
+
+def test_sampling_never_draws_image_placeholders(engine):
+    """A sampled Qwen2-VL answer holding <|image_pad|> (or a vision delimiter) cannot be fed back to the model (GRPO's
+    update does that); near-uniform sampling over the tiny 420-token vocabulary would draw one of the four ~5 times
+    in 512 tokens."""
+    qwen = engine("qwen2-vl")
+    vision = set(qwen.vision_token_ids)
+    assert vision == {3, 4, 5, 6}  # image, video, vision start and end of the tiny Qwen2-VL
+    sampling = SamplingConfig(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=5.0, seed=0)
+    drawn = [t for s in qwen.generate([VLMRequest(PROMPT)] * 32, [], sampling) for t in s.output_token_ids.tolist()]
+    assert len(drawn) == 512 and not vision & set(drawn)
