@@ -81,7 +81,8 @@ class TransformersEngine(HiddenStateEngine):
         # Never generated, as in the vLLM engine, which ends answers with it (engine.answer_sentinel).
         self.sentinel = answer_sentinel(self.tokenizer, self.decoder.config.vocab_size, self.eos_token_ids)
         # Image placeholders and vision delimiters: a sampled answer holding one cannot be fed back to the model
-        # (Qwen2-VL counts placeholders against image features), so sampling never draws them.
+        # (Qwen2-VL counts placeholders against image features), so sampling never draws them (greedy decoding is
+        # left as the vLLM engine does it).
         self.vision_token_ids = sorted({getattr(self.model.config, name) for name in
                                         ("image_token_id", "image_token_index", "video_token_id",
                                          "vision_start_token_id", "vision_end_token_id")
@@ -149,11 +150,11 @@ class TransformersEngine(HiddenStateEngine):
 
         enc = self.encode(requests)
         # Sampling is done by `PerRequestSampler` (one generator per request), so generate itself runs greedy.
+        suppressed = [self.sentinel, *(self.vision_token_ids if sampling.do_sample else [])]
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
                       do_sample=False, pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_token_ids),
-                      suppress_tokens=[self.sentinel], temperature=None, top_p=None, top_k=None)
+                      suppress_tokens=suppressed, temperature=None, top_p=None, top_k=None)
         if sampling.do_sample:
-            kwargs["suppress_tokens"] = [self.sentinel, *self.vision_token_ids]
             kwargs["logits_processor"] = LogitsProcessorList([PerRequestSampler(
                 [generator(sampling.seed, sampling.first_index + i, self.device) if sampling.seed is not None else None
                  for i in indices],
