@@ -5,6 +5,8 @@ shipped miniature (configs/align_mini.yaml, or a train-mini folder's OUT_DIR/ali
                 own run folder and cache, so `train.py --config configs/align_mini.yaml` done first is reused)
     input       prompt-token states (`embed=input`, its own feature cache)          -- paper Table 3, "input tokens"
     norm-ones   RMSNorm initialised to ones (`objective.norm_init=ones`)             -- paper Fig. 7, "default init"
+    no-split    every answer state in, the whole answer out (`objective.split=false`) -- paper Table 3, "w/o masked
+                training" (its loss is a reconstruction loss, not comparable with the others')
 
     .venv/bin/python -m thinkdiff make-mini-captions data/mini-captions      # the data configs/align_mini.yaml reads
     .venv/bin/python benchmarks/mini_ablations.py [--config configs/align_mini.yaml] [--out runs/mini_ablations]
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-VARIANTS = {"generated": [], "input": ["embed=input"], "norm-ones": ["objective.norm_init=ones"]}
+VARIANTS = {"generated": [], "input": ["embed=input"], "norm-ones": ["objective.norm_init=ones"],
+            "no-split": ["objective.split=false"]}
 
 
 def run(*args: str) -> None:

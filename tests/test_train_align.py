@@ -316,6 +316,34 @@ def test_random_split_feeds_a_prefix_and_targets_the_rest(tiny):
     assert objective.loss(Spy(), [sample], 0).item() > 0
 
 
+def test_without_split_every_state_goes_in_and_the_whole_answer_is_the_target(tiny):
+    """ThinkDiff's `random_split_output_embed: False` (Table 3, "w/o masked training"): all G states in, the T5
+    decoder's cross-entropy on the whole answer out, equal to the loss T5 itself computes on those tokens."""
+    from transformers import AutoTokenizer
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from thinkdiff.train.feature_cache import FeatureSample
+    from thinkdiff.train.objectives import T5DecoderObjective
+
+    vlm_tok = AutoTokenizer.from_pretrained(tiny("mllama"))
+    objective = T5DecoderObjective(tiny("t5"), vlm_tok, max_split=4, split=False)
+    ids = torch.tensor(vlm_tok("a red circle on a blue background", add_special_tokens=False).input_ids)
+    sample = FeatureSample(index=3, embed=torch.randn(len(ids), 128), output_token_ids=ids, text="", caption="")
+    aligner = torch.nn.Linear(128, objective.output_dim)
+    seen = []
+    aligner.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    for seed in range(5):
+        loss = objective.loss(aligner, [sample], seed)
+        assert seen[-1] == len(ids)
+    text = vlm_tok.decode(ids, skip_special_tokens=True)
+    t5_tok = objective.t5_tokenizer
+    labels = torch.tensor([t5_tok(text, add_special_tokens=False).input_ids + [t5_tok.eos_token_id]])
+    with torch.no_grad():
+        tokens = aligner(sample.embed[None])
+        reference = objective.t5(encoder_outputs=BaseModelOutput(last_hidden_state=tokens), labels=labels).loss
+    torch.testing.assert_close(loss.detach(), reference, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_accumulation_clipping_and_logs(toy, cache, tmp_path):
     # A subprocess: accelerate keeps one mixed-precision setting per process.
     result = subprocess.run(

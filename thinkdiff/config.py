@@ -210,6 +210,9 @@ class ObjectiveConfig:
     t5_model: str = "tiny:t5"  # t5_decoder: frozen T5 whose decoder reads the aligned tokens (ThinkDiff: flan-t5-xxl)
     # t5_decoder: the aligner sees the first k ~ U[1, min(len - 1, max_split)] answer tokens
     max_split: PositiveInt = 128
+    # t5_decoder: False = ThinkDiff's `random_split_output_embed: False` (paper Table 3, "w/o masked training"): the
+    # aligner sees every answer state and the decoder writes the whole answer back
+    split: bool = True
     t5_dtype: Dtype | None = None  # t5_decoder: the frozen T5's dtype; None = bfloat16 on a GPU, float32 on the CPU
     text_encoder: str = "tiny:t5"  # regression: the T5 encoder whose outputs are the targets (FLUX: t5-v1_1-xxl)
     max_target_tokens: PositiveInt = 128

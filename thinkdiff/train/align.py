@@ -93,7 +93,7 @@ def build_objective(cfg: AlignTrainConfig, dataset: ImageCaptionDataset, decoder
         dtype = cfg.objective.t5_dtype or ("float32" if torch.device(device).type == "cpu" else "bfloat16")
         return T5DecoderObjective(resolve_model(cfg.objective.t5_model, "objective.t5_model"), vlm_tokenizer,
                                   cfg.objective.max_split, cfg.objective.max_target_tokens, device,
-                                  dtype=torch_dtype(dtype))
+                                  dtype=torch_dtype(dtype), split=cfg.objective.split)
     return RegressionObjective(resolve_model(cfg.objective.text_encoder, "objective.text_encoder"), vlm_tokenizer,
                                cfg.objective.max_target_tokens, device)
 

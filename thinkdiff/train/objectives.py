@@ -90,13 +90,13 @@ def load_t5_decoder(path, dtype: torch.dtype = torch.float32, device="cpu"):
 
 class T5DecoderObjective:
     def __init__(self, t5_path, vlm_tokenizer, max_split: int = 128, max_target_tokens: int = 128,
-                 device="cpu", dtype: torch.dtype = torch.float32):
+                 device="cpu", dtype: torch.dtype = torch.float32, split: bool = True):
         from transformers import AutoTokenizer
 
         t5, self.encoder_norm_weight = load_t5_decoder(t5_path, dtype, device)
         self.t5, self.t5_tokenizer = t5, AutoTokenizer.from_pretrained(str(t5_path))
         self.vlm_tokenizer, self.max_split, self.max_target = vlm_tokenizer, max_split, max_target_tokens
-        self.output_dim, self.device = t5.config.d_model, torch.device(device)
+        self.output_dim, self.device, self.split = t5.config.d_model, torch.device(device), split
 
     def init_aligner(self, aligner: Aligner) -> None:
         aligner.init_norm_from(self.encoder_norm_weight)
@@ -109,11 +109,14 @@ class T5DecoderObjective:
             tokens = sample.output_token_ids
             if len(tokens) < 2:
                 continue  # nothing to split
-            high = min(len(tokens) - 1, self.max_split) + 1
-            k = int(torch.randint(1, high, (1,), generator=sample_generator(seed, sample.index)))
+            if self.split:
+                high = min(len(tokens) - 1, self.max_split) + 1
+                k = int(torch.randint(1, high, (1,), generator=sample_generator(seed, sample.index)))
+            else:
+                k = 0  # the decoder writes the whole answer from every state
             text = self.vlm_tokenizer.decode(tokens[k:], skip_special_tokens=True)
             ids = self.t5_tokenizer(text, add_special_tokens=False).input_ids[:self.max_target - 1]
-            inputs.append(sample.embed[:k])
+            inputs.append(sample.embed[:k] if k else sample.embed)
             labels.append(ids + [self.t5_tokenizer.eos_token_id])
         if not inputs:
             raise InputError("No sample in the batch has an answer of 2 or more tokens; raise vlm.max_new_tokens.")
