@@ -3,9 +3,12 @@
 KL weight (0.001), loss aggregation (per-sequence mean, TRL's `loss_type="grpo"`), one update per batch, CPU, float32.
 
     .venv/bin/pip install trl==1.16.0        # not a project dependency: only this benchmark needs it
-    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 10] [--out runs/grpo_vs_trl]
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 30] [--rounds 2] [--out runs/grpo_vs_trl]
 
-Prints seconds per step for both (the first step of each left out: warm-up) and ours / TRL's throughput as a ratio.
+The two trainers run in turn, `--rounds` times each (TRL, ours, TRL, ours, ...), so a slower spell of a shared
+machine falls on both. Prints the median seconds per step of each over all its rounds (the first step of every
+round left out: warm-up; the median, because a shared CPU adds rare steps several times slower to either) and ours /
+TRL's throughput as a ratio of those medians.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -80,7 +84,8 @@ def run_ours(model_dir: Path, problems_path: Path, steps: int, out: Path) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round and trainer")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each trainer, in turn")
     parser.add_argument("--out", default="runs/grpo_vs_trl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,14 +96,17 @@ def main() -> None:
     model_dir = build_text_llama(out / "model", VOCABULARY)
     train_path, _ = AdditionTask().write_problems(out / "problems")
     problems = [json.loads(line) for line in train_path.read_text().splitlines()]
-    trl = run_trl(model_dir, problems, args.steps, out / "trl")
-    ours = run_ours(model_dir, train_path, args.steps, out / "ours")
-    mean = lambda xs: sum(xs[1:]) / len(xs[1:])  # noqa: E731  (step 1 is warm-up)
-    print(f"{PROBLEMS} problems x K={K}, {LENGTH}-token completions, {args.steps} steps, first left out")
-    print("| trainer | s / step | steps / s |\n|---|---|---|")
-    print(f"| TRL 1.16 GRPOTrainer | {mean(trl):.3f} | {1 / mean(trl):.3f} |")
-    print(f"| ours (thinkdiff.grpo) | {mean(ours):.3f} | {1 / mean(ours):.3f} |")
-    print(f"ours / TRL throughput: {mean(trl) / mean(ours):.2f}x")
+    trl, ours = [], []
+    for r in range(args.rounds):  # step 1 of every round is warm-up
+        trl += run_trl(model_dir, problems, args.steps, out / f"trl-{r}")[1:]
+        ours += run_ours(model_dir, train_path, args.steps, out / f"ours-{r}")[1:]
+    trl_s, ours_s = statistics.median(trl), statistics.median(ours)
+    print(f"{PROBLEMS} problems x K={K}, {LENGTH}-token completions, {args.rounds} rounds of {args.steps} steps each, "
+          "first step of each left out")
+    print("| trainer | median s / step | steps / s | mean s / step |\n|---|---|---|---|")
+    for name, times, median in (("TRL 1.16 GRPOTrainer", trl, trl_s), ("ours (thinkdiff.grpo)", ours, ours_s)):
+        print(f"| {name} | {median:.3f} | {1 / median:.3f} | {statistics.mean(times):.3f} |")
+    print(f"ours / TRL throughput: {trl_s / ours_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -152,8 +152,9 @@ def test_process_shares_of_the_update_sum_to_the_batch_gradient(task, aggregatio
             refs = [policy.logprobs([requests[g][i] for i in b], [completions[g][i] for i in b], reference=True)[0]
                     for b in batches]
         policy.model.zero_grad()
-        backward_share(policy, requests[g], completions[g], advantages[g], batches, None, refs, 1.0, loss_cfg,
-                       total, 6, longest)
+        inputs = [policy.batch_inputs([requests[g][i] for i in b], [completions[g][i] for i in b]) for b in batches]
+        backward_share(policy, requests[g], completions[g], advantages[g], batches, inputs, None, refs, 1.0,
+                       loss_cfg, total, 6, longest)
         shares.append([p.grad.clone() for p in params])
     for want, a, b in zip(expected, *shares):
         torch.testing.assert_close(a + b, want, atol=1e-6, rtol=1e-4)

@@ -82,6 +82,23 @@ def test_batch_mixes_images_and_text_and_keeps_order(engine):
     assert [int((b.prompt_token_ids == image_token).sum()) for b in batch] == [1, 0, 2]
 
 
+@pytest.mark.parametrize("kind", ["llama", "mllama"])
+def test_repeated_prompts_encode_as_the_processor_does(engine, kind):
+    """`encode` renders and tokenises each distinct text once (a GRPO group repeats a prompt K times): the batch
+    equals the processor's own output for every row's text, padding and masks included."""
+    eng = engine(kind)
+    a, b = VLMRequest("Two plus two"), VLMRequest("What is the sum of these two digits? Answer in words.")
+    system = VLMRequest("Two plus two", system="Be brief.")
+    requests = [a, b, a, system, b, a]
+    texts = [eng.chat_text(r) for r in requests]  # one rendering per row
+    kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
+    want = eng.processor(texts, **kwargs) if eng.family == "text" else eng.processor(text=texts, **kwargs)
+    got = eng.encode(requests)
+    assert sorted(got.keys()) == sorted(want.keys())
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 def test_skipped_cross_attention_layer_is_identity(engine):
     """Text-only Mllama skips cross-attention layer 1 (0-based), so layer 2's state equals layer 1's."""
     eng = engine("mllama")

@@ -97,6 +97,22 @@ def test_per_request_sampler_draws_each_row_from_its_own_distribution():
     assert alone.item() == batched[1].item()
 
 
+def test_per_request_sampler_uses_each_generators_stream_in_order():
+    """Step t of row r takes the t-th uniform draw of r's generator, whatever the block of draws taken at once: the
+    tokens equal an inverse-CDF lookup with one torch.rand(1) per row and step."""
+    from thinkdiff.vlm.transformers_engine import PerRequestSampler
+
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    cdf = torch.softmax(logits, -1).cumsum(-1)
+    reference_gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
+    want = [[int(torch.searchsorted(cdf[r], torch.rand(1, generator=g) * cdf[r, -1], right=True).clamp_max(5))
+             for r, g in enumerate(reference_gens)] for _ in range(7)]
+    for block in (1, 3, 16):
+        sampler = PerRequestSampler([torch.Generator().manual_seed(10 + r) for r in range(3)], block=block)
+        got = [sampler(None, logits).argmax(-1).tolist() for _ in range(7)]
+        assert got == want, block
+
+
 def test_sampling_never_draws_image_placeholders(engine):
     """A sampled Qwen2-VL answer holding <|image_pad|> (or a vision delimiter) cannot be fed back to the model (GRPO's
     update does that); near-uniform sampling over the tiny 420-token vocabulary would draw one of the four ~5 times

@@ -67,10 +67,22 @@ class Policy:
         text-only batch."""
         self.trained = accelerator.prepare_model(self.model)
 
+    def batch_inputs(self, requests: list[VLMRequest], completions: list[torch.Tensor]) -> list[tuple]:
+        """Forward inputs of the prompts + completions, one padded batch per kind of request (with images, without):
+        (rows of `requests`, the model's inputs, the batch's longest completion). `logprobs` takes them, so the
+        policy and reference passes of one batch share them."""
+        batches = []
+        for has_images in (True, False):
+            rows = [i for i, r in enumerate(requests) if bool(r.images) == has_images]
+            if rows:
+                inputs = self.engine.batch_forward_inputs([requests[i] for i in rows], [completions[i] for i in rows])
+                batches.append((rows, inputs, max(len(completions[i]) for i in rows)))
+        return batches
+
     def logprobs(self, requests: list[VLMRequest], completions: list[torch.Tensor], temperature: float = 1.0,
-                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(token_j | prompt, tokens < j) of every completion token in padded batched passes (one per kind of
-        request: with images, without): logp [B, T] (grad unless `reference`) and its mask [B, T], T the longest
+                 reference: bool = False, inputs: list[tuple] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(token_j | prompt, tokens < j) of every completion token in padded batched passes (`inputs`, from
+        `batch_inputs` when not given): logp [B, T] (grad unless `reference`) and its mask [B, T], T the longest
         completion. Each row equals the request's own unpadded pass."""
         if reference and self.lora:
             model, context = self.model, self.model.disable_adapter()
@@ -81,15 +93,10 @@ class Policy:
         width = max(len(c) for c in completions)
         rows, parts = [], []
         with context, torch.set_grad_enabled(not reference and torch.is_grad_enabled()):
-            for has_images in (True, False):
-                group = [i for i, r in enumerate(requests) if bool(r.images) == has_images]
-                if not group:
-                    continue
-                inputs = self.engine.batch_forward_inputs([requests[i] for i in group], [completions[i] for i in group])
-                w = max(len(completions[i]) for i in group)
+            for group, batch, w in inputs if inputs is not None else self.batch_inputs(requests, completions):
                 # the last w + 1 positions but the final one: position P - 1 + j predicts completion token j
-                logits = model(**inputs, use_cache=False, logits_to_keep=w + 1).logits[:, :-1].float() / temperature
-                targets = inputs["input_ids"][:, -w:] if w else inputs["input_ids"][:, :0]
+                logits = model(**batch, use_cache=False, logits_to_keep=w + 1).logits[:, :-1].float() / temperature
+                targets = batch["input_ids"][:, -w:] if w else batch["input_ids"][:, :0]
                 part = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
                 parts.append(torch.nn.functional.pad(part, (0, width - w)))
                 rows += group

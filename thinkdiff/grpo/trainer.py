@@ -233,26 +233,28 @@ def update_policy(policy: Policy, optimizer, requests, completions, advantages: 
     and of the KL (of the last iteration)."""
     batches = micro_batches(requests, micro_batch_size)
     pick = lambda items, b: [items[i] for i in b]  # noqa: E731
+    inputs = [policy.batch_inputs(pick(requests, b), pick(completions, b)) for b in batches]  # shared by every pass
     with torch.no_grad():
-        old = [policy.logprobs(pick(requests, b), pick(completions, b), temperature)[0] for b in batches] \
-            if loss_cfg.num_iterations > 1 else None
-        ref = [policy.logprobs(pick(requests, b), pick(completions, b), temperature, reference=True)[0]
-               if loss_cfg.beta else None for b in batches]
+        old = [policy.logprobs(pick(requests, b), pick(completions, b), temperature, inputs=inputs[n])[0]
+               for n, b in enumerate(batches)] if loss_cfg.num_iterations > 1 else None
+        ref = [policy.logprobs(pick(requests, b), pick(completions, b), temperature, reference=True,
+                               inputs=inputs[n])[0] if loss_cfg.beta else None for n, b in enumerate(batches)]
     policy.model.train()
     for _ in range(loss_cfg.num_iterations):
         optimizer.zero_grad()
-        step_loss, kl = backward_share(policy, requests, completions, advantages, batches, old, ref, temperature,
-                                       loss_cfg, total_tokens, total_completions, longest, accelerator)
+        step_loss, kl = backward_share(policy, requests, completions, advantages, batches, inputs, old, ref,
+                                       temperature, loss_cfg, total_tokens, total_completions, longest, accelerator)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_grad_norm)
         optimizer.step()
     return step_loss, kl
 
 
-def backward_share(policy: Policy, requests, completions, advantages: torch.Tensor, batches: list[list[int]], old,
-                   ref, temperature: float, loss_cfg, total_tokens: int, total_completions: int, longest: int,
-                   accelerator=None) -> tuple[float, float]:
-    """Back-propagate this process's share of the step's batch loss, one padded micro-batch [b, T] at a time.
+def backward_share(policy: Policy, requests, completions, advantages: torch.Tensor, batches: list[list[int]],
+                   inputs: list, old, ref, temperature: float, loss_cfg, total_tokens: int, total_completions: int,
+                   longest: int, accelerator=None) -> tuple[float, float]:
+    """Back-propagate this process's share of the step's batch loss, one padded micro-batch [b, T] at a time
+    (`inputs[n]`: micro-batch n's `Policy.batch_inputs`).
 
     Each micro-batch's loss is scaled to its share of the whole step (`total_*` and `longest` count every process),
     so the gradients accumulated here, summed over processes, are the gradient of the batch loss. accelerate's
@@ -262,7 +264,8 @@ def backward_share(policy: Policy, requests, completions, advantages: torch.Tens
     for n, b in enumerate(batches):
         sync = accelerator is None or n == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(policy.trained):
-            logp, mask = policy.logprobs([requests[i] for i in b], [completions[i] for i in b], temperature)
+            logp, mask = policy.logprobs([requests[i] for i in b], [completions[i] for i in b], temperature,
+                                         inputs=inputs[n])
             loss, stats = policy_loss(logp, logp.detach() if old is None else old[n], ref[n], advantages[b], mask,
                                       beta=loss_cfg.beta, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
                                       aggregation=loss_cfg.aggregation, max_completion_length=longest)

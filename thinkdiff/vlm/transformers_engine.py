@@ -127,13 +127,22 @@ class TransformersEngine(HiddenStateEngine):
                                                   add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
 
     def encode(self, requests: list[VLMRequest]):
-        """Processor outputs for a batch (left-padded), on the engine's device."""
-        texts = [self.chat_text(r) for r in requests]
+        """Processor outputs for a batch (left-padded), on the engine's device. Each distinct text is rendered and,
+        without images, tokenised once (a GRPO group repeats one prompt K times)."""
+        keys = [(r.system, r.prompt, len(r.images)) for r in requests]
+        distinct = {}
+        for key, r in zip(keys, requests):
+            if key not in distinct:
+                distinct[key] = self.chat_text(r)
+        texts = [distinct[key] for key in keys]
         kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
-        if self.family == "text":
-            enc = self.processor(texts, **kwargs)
-        elif not any(r.images for r in requests):
-            enc = self.processor(text=texts, **kwargs)
+        if not any(r.images for r in requests):
+            order = {key: i for i, key in enumerate(distinct)}
+            rows = torch.tensor([order[key] for key in keys])
+            enc = self.processor(list(distinct.values()), **kwargs) if self.family == "text" else \
+                self.processor(text=list(distinct.values()), **kwargs)
+            for name, value in enc.items():
+                enc[name] = value[rows]
         elif self.family == "mllama":
             enc = self.processor(text=texts, images=[r.images for r in requests], **kwargs)
         else:
@@ -158,7 +167,7 @@ class TransformersEngine(HiddenStateEngine):
             kwargs["logits_processor"] = LogitsProcessorList([PerRequestSampler(
                 [generator(sampling.seed, sampling.first_index + i, self.device) if sampling.seed is not None else None
                  for i in indices],
-                sampling.temperature, sampling.top_p)])
+                sampling.temperature, sampling.top_p, block=sampling.max_new_tokens)])
         with tqdm(total=sampling.max_new_tokens, desc="VLM generate", unit="tok", leave=False,
                   disable=not progress) as bar:
             sequences = self.model.generate(**enc, **kwargs, streamer=_TokenProgress(bar))
@@ -213,13 +222,25 @@ class PerRequestSampler:
     leaves only the drawn token finite, so greedy decoding picks it. A request's answer then depends on its own
     generator alone: not on the batch size, the chunking or the other requests of the call."""
 
-    def __init__(self, generators: list[torch.Generator | None], temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(self, generators: list[torch.Generator | None], temperature: float = 1.0, top_p: float = 1.0,
+                 block: int = 16):
         from transformers import TopPLogitsWarper
 
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0 when sampling, got {temperature}.")
         self.generators, self.temperature = generators, temperature
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        # Each row's uniform draws, `block` tokens at a time: torch.rand(n, generator=g) is the same stream as n
+        # calls of torch.rand(1, generator=g), one call per row instead of one per row and token.
+        self.block, self.draws, self.used = block, None, 0
+
+    def next_draws(self, device) -> torch.Tensor:
+        """The next uniform draw of every row: [B]."""
+        if self.draws is None or self.used == self.draws.shape[1]:
+            self.draws = torch.stack([torch.rand(self.block, generator=g, device=device) for g in self.generators])
+            self.used = 0
+        self.used += 1
+        return self.draws[:, self.used - 1]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
@@ -229,7 +250,7 @@ class PerRequestSampler:
         # (a row's token is the first whose cumulative probability exceeds its draw; zero-probability tokens never
         # are). One `torch.multinomial` per row and token cost 8x more on CPU for 64 rows.
         cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-        draws = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in self.generators])
+        draws = self.next_draws(scores.device)
         tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
         tokens = tokens.clamp_max(scores.shape[-1] - 1)
         chosen = torch.full_like(scores, -float("inf"))
