@@ -191,10 +191,19 @@ def run_child(out: str) -> None:
             engine = VLLMEngine(tiny_path(kind), batch_size=8,
                                 max_model_len=max(prompt_lengths(kind, shared_prefix_requests())) + SHARED_ANSWER)
         results[f"{kind}_prefix_caching"] = engine.prefix_caching
+        results[f"{kind}_suppressed"] = [engine.sampling_params(SamplingConfig(do_sample=do_sample, seed=0), 0, False)
+                                         .extra_args["thinkdiff"]["suppressed"] for do_sample in (True, False)]
         results[f"{kind}_missing_internals"] = engine.llm.collective_rpc("thinkdiff_missing_internals")[0]
         results[kind] = [(s.prompt_token_ids, s.output_token_ids, s.input_embed, s.output_embed)
                          for s in engine.generate(requests, LAYERS, greedy)]
         if kind == "llama":
+            # Tokens the engine must never sample (vision tokens for a VLM): here the greedy answer's own tokens, so
+            # a near-greedy sample (temperature 0.05) would hold them without the suppression.
+            cold = SamplingConfig(max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=0.05, seed=1)
+            results["cold"] = engine.generate(requests[:1], [], cold)[0].output_token_ids
+            engine.vision_token_ids = sorted(set(results["llama"][0][1].tolist()))
+            results["cold_suppressed"] = engine.generate(requests[:1], [], cold)[0].output_token_ids
+            engine.vision_token_ids = []
             sampled = SamplingConfig(max_new_tokens=SHARED_ANSWER, do_sample=True, temperature=1.5)
             results["stream"] = stream_probe(engine, requests, greedy, sampled)
             runs = [engine.generate(requests[:1] * 2, [], SamplingConfig(**{**vars(sampled), "seed": s}))
@@ -430,6 +439,26 @@ def test_sampled_copies_are_distinct_and_independent_of_the_call(vllm_results):
     many, few = vllm_results["copies"]
     assert len(set(map(tuple, many))) >= 22, many
     assert few == many[:5]
+
+
+def test_answer_end_masks_the_sentinel_and_suppressed_tokens():
+    from thinkdiff.vlm.vllm_answer_end import AnswerEnd
+
+    end = AnswerEnd([2], sentinel=0, force=True, suppressed=[5, 7])
+    logits = end([1], torch.zeros(10))
+    assert torch.isinf(logits).nonzero().flatten().tolist() == [0, 5, 7]
+    forced = end([1, 2], torch.zeros(10))  # right after an end token: the sentinel only
+    assert torch.isfinite(forced).nonzero().flatten().tolist() == [0]
+
+
+def test_vllm_sampling_never_draws_suppressed_tokens(vllm_results, engine):
+    """The vLLM engine suppresses its vision tokens when sampling (as the transformers engine does): with the greedy
+    answer's tokens as the suppressed set, a near-greedy sample holds none of them, and holds them without it.
+    Mllama's <|image|> lies past its LM head, so neither engine has a vision token to suppress for it."""
+    greedy = vllm_results["llama"][0][1]
+    assert vllm_results["cold"][:1].tolist() == greedy[:1].tolist()
+    assert not set(vllm_results["cold_suppressed"].tolist()) & set(greedy.tolist())
+    assert vllm_results["mllama_suppressed"] == [[], []] and engine("mllama").vision_token_ids == []
 
 
 def test_seeded_sampling_reproduces(vllm_results):

@@ -148,6 +148,17 @@ def answer_sentinel(tokenizer, vocab_size: int, end_ids: set[int]) -> int:
                      "give it a pad token.")
 
 
+def vision_token_ids(config) -> list[int]:
+    """Image placeholders and vision delimiters of a model's config that its LM head can produce (Qwen2-VL's image,
+    video and vision start/end tokens; Mllama's <|image|> lies past its LM head). Sampling never draws them in either
+    engine: a sampled answer holding one cannot be fed back to the model (Qwen2-VL counts placeholders against image
+    features), as GRPO's update does; greedy decoding is left as it is."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    vocab = config.get_text_config().vocab_size
+    return sorted({getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)
+                   and getattr(config, n) < vocab})
+
+
 class HiddenStateEngine(abc.ABC):
     """A VLM that generates answers and returns hidden states of requested layers (see module docstring)."""
 

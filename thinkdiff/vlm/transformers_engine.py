@@ -26,6 +26,7 @@ from .engine import (
     VLMRequest,
     answer_sentinel,
     end_token_ids,
+    vision_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,13 +81,7 @@ class TransformersEngine(HiddenStateEngine):
             self.pad_token_id = min(self.eos_token_ids)
         # Never generated, as in the vLLM engine, which ends answers with it (engine.answer_sentinel).
         self.sentinel = answer_sentinel(self.tokenizer, self.decoder.config.vocab_size, self.eos_token_ids)
-        # Image placeholders and vision delimiters: a sampled answer holding one cannot be fed back to the model
-        # (Qwen2-VL counts placeholders against image features), so sampling never draws them (greedy decoding is
-        # left as the vLLM engine does it).
-        self.vision_token_ids = sorted({getattr(self.model.config, name) for name in
-                                        ("image_token_id", "image_token_index", "video_token_id",
-                                         "vision_start_token_id", "vision_end_token_id")
-                                        if isinstance(getattr(self.model.config, name, None), int)})
+        self.vision_token_ids = vision_token_ids(self.model.config)  # never sampled
 
     # ------------------------------------------------------------------------------------------- public
 

@@ -22,17 +22,19 @@ FQCN = "thinkdiff.vlm.vllm_answer_end:AnswerEndProcessor"
 
 
 class AnswerEnd:
-    """Per request: mask the sentinel; with `force`, make it the only choice right after an end token."""
+    """Per request: mask the sentinel and the `suppressed` tokens (when sampling: image placeholders and vision
+    delimiters); with `force`, make the sentinel the only choice right after an end token."""
 
-    def __init__(self, end_ids: list[int], sentinel: int, force: bool):
+    def __init__(self, end_ids: list[int], sentinel: int, force: bool, suppressed: list[int] = ()):
         self.end_ids, self.sentinel, self.force = frozenset(end_ids), sentinel, force
+        self.masked = torch.tensor([sentinel, *suppressed], dtype=torch.long)
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         if self.force and output_ids and output_ids[-1] in self.end_ids:
             forced = torch.full_like(logits, -float("inf"))
             forced[self.sentinel] = 0.0
             return forced
-        logits[self.sentinel] = -float("inf")
+        logits[self.masked.to(logits.device)] = -float("inf")
         return logits
 
 
@@ -44,4 +46,4 @@ class AnswerEndProcessor(AdapterLogitsProcessor):
         spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
         if spec is None:
             return None
-        return AnswerEnd(spec["end_ids"], spec["sentinel"], spec["force"])
+        return AnswerEnd(spec["end_ids"], spec["sentinel"], spec["force"], spec["suppressed"])

@@ -58,6 +58,7 @@ from .engine import (
     VLMRequest,
     answer_sentinel,
     end_token_ids,
+    vision_token_ids,
 )
 from .transformers_engine import PromptCounter, _load_processor, model_family
 from .vllm_compat import check_version
@@ -180,6 +181,7 @@ class VLLMEngine(HiddenStateEngine):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.end_ids = end_token_ids(self.model_path, self.tokenizer)
         self.sentinel = answer_sentinel(self.tokenizer, text_config.vocab_size, self.end_ids)
+        self.vision_token_ids = vision_token_ids(config)  # never sampled
         if self.family == "text":
             self.max_images = 0
         else:
@@ -271,13 +273,15 @@ class VLLMEngine(HiddenStateEngine):
         """vLLM's parameters for request `index` of a call (its own seed). With `states`, one token more than asked
         (dropped by `kept_answer`): the step that samples it computes the row of the last kept token. An answer that
         ends at an end token runs one step more, to the sentinel, so that step computes the end token's row
-        (vllm_answer_end.py). detokenize=False: answers are decoded with the tokenizer."""
+        (vllm_answer_end.py), which also keeps sampling off image placeholders and vision delimiters, as the
+        transformers engine does. detokenize=False: answers are decoded with the tokenizer."""
         from vllm import SamplingParams
 
         from .vllm_answer_end import EXTRA_ARGS_KEY
 
         n = sampling.max_new_tokens
-        end = {"end_ids": sorted(self.end_ids), "sentinel": self.sentinel, "force": states}
+        end = {"end_ids": sorted(self.end_ids), "sentinel": self.sentinel, "force": states,
+               "suppressed": self.vision_token_ids if sampling.do_sample else []}
         return SamplingParams(max_tokens=n + 1 if states else n, min_tokens=sampling.min_new_tokens,
                               temperature=sampling.temperature if sampling.do_sample else 0.0,
                               top_p=sampling.top_p if sampling.do_sample else 1.0,
