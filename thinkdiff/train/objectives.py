@@ -2,8 +2,9 @@
 
 - `t5_decoder` (ThinkDiff): the aligned tokens are the encoder states of a frozen T5 decoder, which must predict the
   rest of the VLM's answer. Random split: the aligner sees the first k ~ U[1, min(G - 1, max_split)] answer states
-  and the decoder predicts the text of tokens k.. (re-tokenised for T5). Without the split the aligner learns to
-  copy each state's own token (ThinkDiff Table 3: 0.287 vs 0.417 2-shot CoBSAT). The aligner's RMSNorm starts from
+  and the decoder predicts the text of tokens k.. (re-tokenised for T5). Without the split (`split=False`, an
+  ablation) the aligner sees all G states and learns to copy each state's own token (ThinkDiff Table 3: 0.287 vs
+  0.417 2-shot CoBSAT). The aligner's RMSNorm starts from
   T5's encoder final norm (ThinkDiff Fig. 7).
 - `diffusion`: the decoder's own training loss (flow matching or noise prediction) through its frozen backbone,
   conditioned on the aligned tokens, with the sample's image as target.

@@ -5,7 +5,8 @@ row, which our hidden-state contract includes) never runs. Requests that ask for
 with `ignore_eos=True` and `stop_token_ids=[sentinel]`: after an end token this processor forces the sentinel, so
 vLLM runs exactly one more step (computing the end token's row) and then stops on the sentinel, which the engine
 drops. The sentinel (the pad token) is masked at every other step, in every request, and the transformers engine
-suppresses it too, so both engines sample from the same distribution.
+suppresses it too, so both engines sample from the same distribution; so are, when sampling, the model's image
+placeholders and vision delimiters (`engine.vision_token_ids`).
 
 vLLM internals used (0.32, pinned): `vllm.v1.sample.logits_processor.AdapterLogitsProcessor` (per-request logits
 callables that see the request's live output token list), loaded by the engine as
@@ -25,7 +26,7 @@ class AnswerEnd:
     """Per request: mask the sentinel and the `suppressed` tokens (when sampling: image placeholders and vision
     delimiters); with `force`, make the sentinel the only choice right after an end token."""
 
-    def __init__(self, end_ids: list[int], sentinel: int, force: bool, suppressed: list[int] = ()):
+    def __init__(self, end_ids: list[int], sentinel: int, force: bool, suppressed: list[int]):
         self.end_ids, self.sentinel, self.force = frozenset(end_ids), sentinel, force
         self.masked = torch.tensor([sentinel, *suppressed], dtype=torch.long)
 
