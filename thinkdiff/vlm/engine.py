@@ -155,8 +155,8 @@ def vision_token_ids(config) -> list[int]:
     features), as GRPO's update does; greedy decoding is left as it is."""
     names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     vocab = config.get_text_config().vocab_size
-    return sorted({getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)
-                   and getattr(config, n) < vocab})
+    ids = (getattr(config, name, None) for name in names)
+    return sorted({i for i in ids if isinstance(i, int) and i < vocab})
 
 
 class HiddenStateEngine(abc.ABC):

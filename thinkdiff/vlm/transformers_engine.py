@@ -124,24 +124,24 @@ class TransformersEngine(HiddenStateEngine):
     def encode(self, requests: list[VLMRequest]):
         """Processor outputs for a batch (left-padded), on the engine's device. Each distinct text is rendered and,
         without images, tokenised once (a GRPO group repeats one prompt K times)."""
-        keys = [(r.system, r.prompt, len(r.images)) for r in requests]
-        distinct = {}
-        for key, r in zip(keys, requests):
-            if key not in distinct:
-                distinct[key] = self.chat_text(r)
-        texts = [distinct[key] for key in keys]
+        position, distinct = {}, []  # (system, prompt, image count) -> its index in `distinct`, the rendered texts
+        for r in requests:
+            key = (r.system, r.prompt, len(r.images))
+            if key not in position:
+                position[key] = len(distinct)
+                distinct.append(self.chat_text(r))
+        rows = [position[(r.system, r.prompt, len(r.images))] for r in requests]
         kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
         if not any(r.images for r in requests):
-            order = {key: i for i, key in enumerate(distinct)}
-            rows = torch.tensor([order[key] for key in keys])
-            enc = self.processor(list(distinct.values()), **kwargs) if self.family == "text" else \
-                self.processor(text=list(distinct.values()), **kwargs)
+            enc = self.processor(distinct, **kwargs) if self.family == "text" else \
+                self.processor(text=distinct, **kwargs)
             for name, value in enc.items():
-                enc[name] = value[rows]
+                enc[name] = value[torch.tensor(rows)]
         elif self.family == "mllama":
-            enc = self.processor(text=texts, images=[r.images for r in requests], **kwargs)
+            enc = self.processor(text=[distinct[i] for i in rows], images=[r.images for r in requests], **kwargs)
         else:
-            enc = self.processor(text=texts, images=[im for r in requests for im in r.images], **kwargs)
+            enc = self.processor(text=[distinct[i] for i in rows], images=[im for r in requests for im in r.images],
+                                 **kwargs)
         enc = enc.to(self.device)
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
